@@ -1,0 +1,202 @@
+"""A run directory: one trained model with its history, and everything later stages add.
+
+Layout (every file written atomically)::
+
+    <run>/config.json            training config, seed, package versions, git commit
+    <run>/split.npz              the 50/50 split as indices into the original training set
+    <run>/train_log.csv          loss and accuracy per epoch (train and held-out)
+    <run>/history/epoch_NNN.weights.h5   weights after NNN complete epochs (1-based)
+    <run>/state/                 optimizer state and progress, for --resume
+    <run>/models/<name>.weights.h5       derived classifiers (dare, dare-s, adv-fgsm, ...)
+    <run>/<stage>/               outputs of later stages (slice/, ats/, adv/, eval/)
+
+Models are stored as weights only: the architecture is rebuilt from ``config.json``, so a
+weights file that does not belong to the run fails loudly instead of loading silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from darekit import io
+from darekit.data import Dataset, Split, load_dataset
+from darekit.errors import DareError
+from darekit.models import get_architecture
+from darekit.provenance import provenance
+
+CONFIG = "config.json"
+SPLIT = "split.npz"
+TRAIN_LOG = "train_log.csv"
+HISTORY = "history"
+STATE = "state"
+PROGRESS = "state/progress.json"
+OPTIMIZER = "state/optimizer.npz"
+MODELS = "models"
+_EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.weights\.h5$")
+
+
+def epoch_filename(epoch: int) -> str:
+    """``epoch_007.weights.h5``: the weights after 7 complete epochs (Keras' 1-based count)."""
+    return f"epoch_{epoch:03d}.weights.h5"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The run's data: ``x_*`` are ``(N, H, W, C)`` float32 in [0, 1], ``y_*`` int64."""
+
+    dataset: Dataset
+    split: Split
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_validation: np.ndarray
+    y_validation: np.ndarray
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self.dataset.x_test
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.dataset.y_test
+
+    @classmethod
+    def from_split(cls, dataset: Dataset, split: Split) -> RunData:
+        x, y = dataset.x_train, dataset.y_train
+        return cls(dataset, split, x[split.train_idx], y[split.train_idx],
+                   x[split.validation_idx], y[split.validation_idx])
+
+
+class Run:
+    """Handle on a run directory. ``Run.open`` checks it holds a trained model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ opening / config
+    @classmethod
+    def open(cls, path: str | Path, *, need_history: bool = True) -> Run:
+        """Open an existing run; fail with a clear message when it is not a trained run."""
+        run = cls(path)
+        if not (run.path / CONFIG).is_file():
+            raise DareError(f"no run at {run.path} (no {CONFIG}); train one first, e.g. "
+                            f"python train/train.py --model vgg16 --run-dir {run.path}")
+        if need_history and not run.history_epochs():
+            raise DareError(f"run {run.path} has no training history ({HISTORY}/ is empty); "
+                            "train it first or resume it with --resume")
+        return run
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        return io.read_json(self.path / CONFIG)
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return self.config["train"]
+
+    @property
+    def model_name(self) -> str:
+        return self.train_config["model"]
+
+    @property
+    def dataset_name(self) -> str:
+        return self.train_config["dataset"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.train_config["seed"])
+
+    def write_config(self, rel: str, section: str, cfg: dict[str, Any]) -> None:
+        """Write ``{section: cfg, run: ..., provenance...}`` to ``<run>/<rel>`` atomically."""
+        io.write_json(self.path / rel, {section: cfg, "run": str(self.path), **provenance()})
+
+    # ------------------------------------------------------------------ data
+    def split(self) -> Split:
+        p = self.path / SPLIT
+        if not p.is_file():
+            raise DareError(f"run {self.path} has no {SPLIT}; it was not created by train.py")
+        return Split.load(p)
+
+    def data(self) -> RunData:
+        """The dataset split exactly as training saw it (``x_train``/``x_validation``/test)."""
+        return RunData.from_split(load_dataset(self.dataset_name), self.split())
+
+    # ------------------------------------------------------------------ history
+    def completed_epochs(self) -> int:
+        p = self.path / PROGRESS
+        return int(io.read_json(p)["epoch"]) if p.is_file() else 0
+
+    def history_epochs(self) -> list[int]:
+        """Epochs whose weights are saved and complete (never one that a kill cut short)."""
+        folder = self.path / HISTORY
+        if not folder.is_dir():
+            return []
+        done = self.completed_epochs()
+        found = (int(m.group(1)) for p in folder.iterdir() if (m := _EPOCH_RE.match(p.name)))
+        return sorted(e for e in found if e <= done)
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.path / HISTORY / epoch_filename(epoch)
+
+    # ------------------------------------------------------------------ models
+    def build_model(self) -> keras.Model:
+        """A freshly initialised model of the run's architecture and input shape."""
+        cfg = self.train_config
+        arch = get_architecture(cfg["model"])
+        return arch.build(tuple(cfg["input_shape"]), int(cfg["num_classes"]))
+
+    def _load_into(self, model: keras.Model, path: Path) -> keras.Model:
+        if not path.is_file():
+            raise DareError(f"model file {path} does not exist")
+        try:
+            model.load_weights(str(path))
+        except Exception as e:  # h5py/Keras raise many types on a shape or layer mismatch
+            raise DareError(f"model file {path} does not match run {self.path} "
+                            f"({self.model_name} on {self.dataset_name}): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+        return model
+
+    def load_model(self, epoch: int | None = None) -> keras.Model:
+        """The classifier after ``epoch`` epochs (default: the last complete epoch)."""
+        epochs = self.history_epochs()
+        if not epochs:
+            raise DareError(f"run {self.path} has no training history")
+        epoch = epochs[-1] if epoch is None else epoch
+        if epoch not in epochs:
+            raise DareError(f"run {self.path} has no epoch {epoch}; "
+                            f"it has {epochs[0]}..{epochs[-1]}")
+        return self._load_into(self.build_model(), self.epoch_path(epoch))
+
+    def model_path(self, name: str) -> Path:
+        return self.path / MODELS / f"{name}.weights.h5"
+
+    def save_model(self, model: keras.Model, name: str) -> Path:
+        """Save a derived classifier (``dare``, ``adv-fgsm``...) into ``models/``, atomically."""
+        path = self.model_path(name)
+        io.save_with(path, model.save_weights)
+        return path
+
+    def load_named(self, name: str) -> keras.Model:
+        """Load a derived classifier; ``original`` is the last epoch of the history."""
+        if name == "original":
+            return self.load_model()
+        return self._load_into(self.build_model(), self.model_path(name))
+
+    def named_models(self) -> list[str]:
+        """``original`` plus every derived classifier saved in ``models/``."""
+        folder = self.path / MODELS
+        names = sorted(p.name[: -len(".weights.h5")] for p in folder.glob("*.weights.h5")
+                       if io.TMP_MARK not in p.name) if folder.is_dir() else []
+        return ["original", *names]

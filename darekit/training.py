@@ -1,0 +1,313 @@
+"""Training with a saved history: the weights after every epoch, atomically, resumable.
+
+``train(cfg)`` is the whole of ``train/train.py`` and ``train/alexnet.py``. It uses plain
+``model.fit`` with one callback, so its speed is Keras' own (see ``bench/bench_train.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from darekit import io, rundir
+from darekit.data import DATASETS, Split, balanced_subset, load_dataset, make_split
+from darekit.errors import DareError
+from darekit.models import get_architecture
+from darekit.models.common import channel_stats
+from darekit.paths import default_run_dir
+from darekit.rundir import Run, RunData
+from darekit.seeding import set_seed
+
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+HOLDOUTS = ("test", "validation")
+
+# Horizontal flips change the meaning of digits; SVHN trains without them.
+FLIP_SAFE = {"cifar10": True, "fashion_mnist": True, "svhn": False}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training option. Field defaults are generic; ``resolve`` applies the
+    architecture's ``train_defaults`` (the schedules that reach the paper's accuracy)."""
+
+    model: str = "vgg16"
+    dataset: str = "cifar10"
+    epochs: int = 200
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: tuple[int, ...] = (60, 120, 160)
+    gamma: float = 0.2
+    warmup_epochs: int = 0
+    augment: str = "crop-flip"
+    seed: int = 0
+    subset: int | None = None
+    test_subset: int | None = None
+    holdout: str = "test"
+    jit_compile: bool = False
+    deterministic: bool = False
+    run_dir: str | None = None
+    resume: bool = False
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        get_architecture(self.model)  # raises on an unknown name
+        if self.dataset not in DATASETS:
+            raise DareError(f"unknown dataset {self.dataset!r}; expected one of {sorted(DATASETS)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DareError(f"--{name.replace('_', '-')} must be a positive integer; "
+                                f"received {getattr(self, name)}")
+        if not self.lr > 0:
+            raise DareError(f"--lr must be positive; received {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise DareError("--weight-decay must be >= 0 and --momentum in [0, 1); "
+                            f"received {self.weight_decay}, {self.momentum}")
+        if not 0 < self.gamma <= 1:
+            raise DareError(f"--gamma must lie in (0, 1]; received {self.gamma}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                              ("augment", AUGMENTATIONS), ("holdout", HOLDOUTS)):
+            if getattr(self, name) not in allowed:
+                raise DareError(f"--{name} must be one of {list(allowed)}; "
+                                f"received {getattr(self, name)!r}")
+        if self.subset is not None and self.subset < 20:
+            raise DareError(f"--subset must be at least 20 images; received {self.subset}")
+        if self.test_subset is not None and self.test_subset < 10:
+            raise DareError("--test-subset must be at least 10 images; "
+                            f"received {self.test_subset}")
+        if self.warmup_epochs < 0 or any(m < 1 for m in self.milestones):
+            raise DareError("--warmup-epochs must be >= 0 and --milestones positive epochs")
+
+    @classmethod
+    def resolve(cls, model: str, dataset: str, **given: Any) -> TrainConfig:
+        """Defaults < the architecture's ``train_defaults`` < given options (``None``: unset)."""
+        arch = get_architecture(model)
+        values: dict[str, Any] = dict(arch.train_defaults)
+        if "flip" in values.get("augment", cls.augment) and not FLIP_SAFE.get(dataset, True):
+            values["augment"] = "crop"
+        values.update({k: v for k, v in given.items() if v is not None})
+        if "milestones" in values:
+            values["milestones"] = tuple(int(m) for m in values["milestones"])
+        return cls(model=model, dataset=dataset, **values)
+
+    @classmethod
+    def from_options(cls, given: dict[str, Any]) -> TrainConfig:
+        """The config for a command line: ``given`` holds the options the user typed.
+
+        With ``resume`` and an existing run, the saved config is the base, so
+        ``--resume --run-dir R`` alone continues ``R`` as it was started.
+        """
+        given = {k: v for k, v in given.items() if v is not None}
+        path = given.get("run_dir")
+        saved_file = Path(path) / rundir.CONFIG if path else None
+        if given.get("resume") and saved_file is not None and saved_file.is_file():
+            saved = io.read_json(saved_file)["train"]
+            names = {f.name for f in dataclasses.fields(cls)}
+            base = {k: v for k, v in saved.items() if k in names}
+            clash = [f"--{k.replace('_', '-')} {given[k]!r} (run has {base.get(k)!r})"
+                     for k in IDENTITY if k in given and given[k] != base.get(k)]
+            if clash:
+                raise DareError(f"--resume cannot change the run at {path}: " + ", ".join(clash))
+            base.update(given)
+            base["milestones"] = tuple(base.get("milestones", ()))
+            return cls(**base)
+        return cls.resolve(given.pop("model", cls.model), given.pop("dataset", cls.dataset),
+                           **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+# ---------------------------------------------------------------------------- registries
+OPTIMIZERS: dict[str, Callable[[TrainConfig], keras.optimizers.Optimizer]] = {
+    "sgd": lambda c: keras.optimizers.SGD(c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                          weight_decay=c.weight_decay or None),
+    "adam": lambda c: keras.optimizers.Adam(c.lr, weight_decay=c.weight_decay or None),
+}
+
+
+def _step(c: TrainConfig, epoch: int) -> float:
+    return c.lr * c.gamma ** sum(epoch >= m for m in c.milestones)
+
+
+def _cosine(c: TrainConfig, epoch: int) -> float:
+    return 0.5 * c.lr * (1 + math.cos(math.pi * epoch / c.epochs))
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig, int], float]] = {
+    "constant": lambda c, epoch: c.lr,
+    "step": _step,      # lr * gamma ** (number of milestones reached), milestones in epochs
+    "cosine": _cosine,  # half cosine from lr to 0 over the run
+}
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for the 0-based ``epoch``, with a linear warm-up over ``warmup_epochs``."""
+    lr = SCHEDULES[cfg.schedule](cfg, epoch)
+    if epoch < cfg.warmup_epochs:
+        lr *= (epoch + 1) / (cfg.warmup_epochs + 1)
+    return float(lr)
+
+
+# ---------------------------------------------------------------------------- input pipeline
+def _augment_fn(kind: str, shape: tuple[int, int, int], pad: int = 4):
+    """Per-image stateless augmentation ``(x, seed) -> x``: pad-and-crop, optional flip."""
+    h, w, _ = shape
+
+    def crop(x, seed):
+        x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]])
+        return tf.image.stateless_random_crop(x, shape, seed)
+
+    def crop_flip(x, seed):
+        x = crop(x, seed)
+        return tf.image.stateless_random_flip_left_right(x, seed[::-1])
+
+    return {"none": None, "crop": crop, "crop-flip": crop_flip}[kind]
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, initial_epoch: int
+                  ) -> tuple[tf.data.Dataset, int]:
+    """Batches for epochs ``initial_epoch..epochs-1`` and the number of steps per epoch.
+
+    Epoch ``e``'s order and augmentation depend only on ``(seed, e)`` (stateless RNG), so a
+    resumed run sees exactly the batches the uninterrupted run would have seen.
+    """
+    n = len(x)
+    steps = math.ceil(n / cfg.batch_size)
+    xs, ys = tf.constant(x), tf.constant(y)
+    aug = _augment_fn(cfg.augment, x.shape[1:])
+
+    def epoch_batches(e):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                         seed=tf.stack([cfg.seed, e]))
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        if aug is None:
+            return ds.batch(cfg.batch_size).map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+        return ds.map(lambda i: (aug(xs[i], tf.stack([cfg.seed * 7919 + e, i])), ys[i]),
+                      num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size)
+
+    ds = tf.data.Dataset.range(initial_epoch, cfg.epochs).flat_map(epoch_batches)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class EpochHistory(keras.callbacks.Callback):
+    """After every epoch: weights into ``history/``, optimizer state, log row, then progress.
+
+    Progress is written last, so a kill at any point leaves the previous epoch as the last
+    complete one; every file is replaced atomically, so none is ever half-written.
+    """
+
+    def __init__(self, run: Run, cfg: TrainConfig, log_rows: list[dict[str, Any]]):
+        super().__init__()
+        self.run, self.cfg, self.rows = run, cfg, log_rows
+        self._t0 = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate.assign(learning_rate(self.cfg, epoch))
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        k = epoch + 1
+        seconds = time.perf_counter() - self._t0
+        row = {"epoch": k, "lr": learning_rate(self.cfg, epoch), "seconds": round(seconds, 3)}
+        row.update({key: float(v) for key, v in (logs or {}).items() if key != "learning_rate"})
+        self.rows[:] = [r for r in self.rows if int(r["epoch"]) < k] + [row]
+        io.save_with(self.run.epoch_path(k), self.model.save_weights)
+        save_optimizer(self.model.optimizer, self.run.file(rundir.OPTIMIZER))
+        io.write_csv(self.run.file(rundir.TRAIN_LOG), self.rows)
+        io.write_json(self.run.file(rundir.PROGRESS), {"epoch": k})
+
+
+def save_optimizer(opt: keras.optimizers.Optimizer, path: Path) -> None:
+    io.write_npz(path, **{f"v{i:04d}": v.numpy() for i, v in enumerate(opt.variables)})
+
+
+def load_optimizer(opt: keras.optimizers.Optimizer, model: keras.Model, path: Path) -> None:
+    opt.build(model.trainable_variables)
+    arrays = io.read_npz(path)
+    if len(arrays) != len(opt.variables):
+        raise DareError(f"optimizer state {path} does not match the model; cannot resume")
+    for i, v in enumerate(opt.variables):
+        v.assign(arrays[f"v{i:04d}"])
+
+
+# ---------------------------------------------------------------------------- the run
+IDENTITY = ("model", "dataset", "seed", "subset", "augment", "optimizer")
+
+
+def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
+    """Create or reopen the run directory; return it, the config to use and the start epoch."""
+    path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.dataset, cfg.model, cfg.seed)
+    run = Run(path)
+    has_config = run.file(rundir.CONFIG).is_file()
+    done = run.completed_epochs() if has_config else 0
+    if not cfg.resume:
+        if has_config:
+            raise DareError(f"{run.path} already holds a run ({done} epochs trained); "
+                            "pass --resume to continue it or choose another --run-dir")
+        return run, cfg, 0
+    if not has_config:
+        raise DareError(f"nothing to resume at {run.path} (no {rundir.CONFIG})")
+    io.remove_stale_tmp(run.path)
+    return run, cfg, done
+
+
+def train(cfg: TrainConfig) -> Run:
+    """Train ``cfg.model`` on ``cfg.dataset``'s ``x_train``, saving every epoch. Returns the run."""
+    run, cfg, start = _prepare_run(cfg)
+    set_seed(cfg.seed, cfg.deterministic)
+    dataset = load_dataset(cfg.dataset)
+    split_path = run.file(rundir.SPLIT)
+    if split_path.is_file():
+        split = Split.load(split_path)
+    else:
+        split = make_split(dataset.y_train, cfg.seed, cfg.subset)
+        split.save(split_path)
+    data = RunData.from_split(dataset, split)
+    arch = get_architecture(cfg.model)
+    train_cfg = {**cfg.to_dict(), "input_shape": list(dataset.input_shape),
+                 "num_classes": dataset.num_classes,
+                 "n_train": len(split.train_idx), "n_validation": len(split.validation_idx)}
+    run.write_config(rundir.CONFIG, "train", train_cfg)  # on resume: records new --epochs
+
+    x_hold, y_hold = (data.x_test, data.y_test) if cfg.holdout == "test" else \
+        (data.x_validation, data.y_validation)
+    if cfg.test_subset is not None and cfg.holdout == "test":
+        keep = balanced_subset(y_hold, min(cfg.test_subset, len(y_hold)), cfg.seed)
+        x_hold, y_hold = x_hold[keep], y_hold[keep]
+
+    model = arch.build(dataset.input_shape, dataset.num_classes, *channel_stats(data.x_train))
+    model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=cfg.jit_compile)
+    rows: list[dict[str, Any]] = []
+    if start > 0:
+        model.load_weights(str(run.epoch_path(start)))
+        load_optimizer(model.optimizer, model, run.file(rundir.OPTIMIZER))
+        rows = [r for r in io.read_csv(run.file(rundir.TRAIN_LOG)) if int(r["epoch"]) <= start]
+    if start >= cfg.epochs:
+        print(f"{run.path}: already trained for {start} epochs; nothing to do")
+        return run
+
+    ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
+    model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
+              validation_data=(x_hold, y_hold), validation_batch_size=max(256, cfg.batch_size),
+              callbacks=[EpochHistory(run, cfg, rows)], verbose=cfg.verbose, shuffle=False)
+    return run
+

@@ -1,0 +1,28 @@
+"""Packaging for darekit. ``pip install -e .[cpu]`` (or ``[gpu]``) installs the package and
+TensorFlow; the scripts under train/, adv/ and dare/ also run from a bare checkout."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+runtime = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
+           if line.strip() and not line.startswith("#") and not line.startswith("tensorflow")]
+tf_spec = ">=2.16,<2.22"
+
+setup(
+    name="darekit",
+    version="0.1.0",
+    description="Reproduction of DARE (Delta debugging Aided Robustness Enhancement, ASE 2022) "
+                "on TensorFlow/Keras 3",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["darekit", "darekit.*"]),
+    install_requires=runtime,
+    extras_require={
+        "cpu": [f"tensorflow-cpu{tf_spec}"],
+        "gpu": [f"tensorflow[and-cuda]{tf_spec}"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+)

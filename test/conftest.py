@@ -1,0 +1,45 @@
+"""Shared fixtures. Real-data fixtures use Debian's Fashion-MNIST (scripts/setup.sh installs it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from darekit.paths import ROOT
+
+# Tests never reach for the network: a missing dataset must fail fast, not hang.
+os.environ.setdefault("DAREKIT_OFFLINE", "1")
+
+FM_SUBSET = 2000   # 1000 x_train + 1000 x_validation images, 100 + 100 per class
+FM_EPOCHS = 4
+
+
+def run_script(script: str, *args: str, check: bool = True, timeout: float = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (``python train/train.py ...``) from a foreign cwd."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd="/",
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fm_run(tmp_path_factory) -> Path:
+    """A ``smallcnn`` trained for 4 epochs on 1000 real Fashion-MNIST images (history kept).
+
+    Session-scoped: slicing, mining, DARE and attack tests all start from this run.
+    """
+    from darekit.training import TrainConfig, train
+
+    path = tmp_path_factory.mktemp("runs") / "fm-smallcnn"
+    cfg = TrainConfig.resolve("smallcnn", "fashion_mnist", subset=FM_SUBSET, epochs=FM_EPOCHS,
+                              test_subset=1000, run_dir=str(path), verbose=0, seed=0)
+    train(cfg)
+    return path
