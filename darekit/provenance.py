@@ -10,11 +10,15 @@ import subprocess
 from darekit import __version__
 from darekit.paths import ROOT
 
-PACKAGES = ("numpy", "tensorflow", "tensorflow-cpu", "keras", "foolbox", "eagerpy", "scipy", "h5py")
+# Distribution names; TensorFlow is recorded from the module, whichever wheel provided it.
+PACKAGES = ("numpy", "keras", "foolbox", "eagerpy", "scipy", "h5py")
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "darekit": __version__}
+    import tensorflow as tf
+
+    out = {"python": platform.python_version(), "darekit": __version__,
+           "tensorflow": tf.__version__}
     for name in PACKAGES:
         try:
             out[name] = md.version(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,8 +268,11 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
     return run, cfg, done
 
 
-def train(cfg: TrainConfig) -> Run:
-    """Train ``cfg.model`` on ``cfg.dataset``'s ``x_train``, saving every epoch. Returns the run."""
+def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Run:
+    """Train ``cfg.model`` on ``cfg.dataset``'s ``x_train``, saving every epoch. Returns the run.
+
+    ``callbacks`` run after the checkpointing callback (benchmarks time epochs with them).
+    """
     run, cfg, start = _prepare_run(cfg)
     set_seed(cfg.seed, cfg.deterministic)
     dataset = load_dataset(cfg.dataset)
@@ -308,6 +311,7 @@ def train(cfg: TrainConfig) -> Run:
     ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
     model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
               validation_data=(x_hold, y_hold), validation_batch_size=max(256, cfg.batch_size),
-              callbacks=[EpochHistory(run, cfg, rows)], verbose=cfg.verbose, shuffle=False)
+              callbacks=[EpochHistory(run, cfg, rows), *callbacks], verbose=cfg.verbose,
+              shuffle=False)
     return run
 

@@ -21,7 +21,7 @@ import keras
 from keras import layers
 
 from darekit.models import Architecture, register
-from darekit.models.common import input_block
+from darekit.models.common import batch_norm, input_block
 
 # (block, index in block, filters, stride); a 2x2 max-pool closes every block.
 CONVS: tuple[tuple[int, int, int, int], ...] = (
@@ -40,7 +40,7 @@ def build_alexnet(input_shape: tuple[int, int, int], num_classes: int) -> keras.
     for n, (b, i, filters, stride) in enumerate(CONVS):
         x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                           name=f"block{b}_conv{i}")(x)
-        x = layers.BatchNormalization(name=f"block{b}_bn{i}")(x)
+        x = batch_norm(f"block{b}_bn{i}")(x)
         x = layers.ReLU(name=f"block{b}_relu{i}")(x)
         last_in_block = n + 1 == len(CONVS) or CONVS[n + 1][0] != b
         if last_in_block:

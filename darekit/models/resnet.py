@@ -20,7 +20,7 @@ import keras
 from keras import layers
 
 from darekit.models import Architecture, register
-from darekit.models.common import input_block
+from darekit.models.common import batch_norm, input_block
 
 STAGES: tuple[tuple[int, int], ...] = ((64, 1), (128, 2), (256, 2), (512, 2))
 BLOCKS_PER_STAGE = 2
@@ -30,15 +30,15 @@ def _basic_block(x, filters: int, stride: int, prefix: str):
     in_filters = x.shape[-1]
     y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                       name=f"{prefix}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{prefix}_bn1")(y)
+    y = batch_norm(f"{prefix}_bn1")(y)
     y = layers.ReLU(name=f"{prefix}_relu1")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{prefix}_bn2")(y)
+    y = batch_norm(f"{prefix}_bn2")(y)
     shortcut = x
     if stride != 1 or in_filters != filters:
         shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False,
                                  name=f"{prefix}_shortcut_conv")(x)
-        shortcut = layers.BatchNormalization(name=f"{prefix}_shortcut_bn")(shortcut)
+        shortcut = batch_norm(f"{prefix}_shortcut_bn")(shortcut)
     y = layers.Add(name=f"{prefix}_add")([y, shortcut])
     return layers.ReLU(name=f"{prefix}_out")(y)
 
@@ -46,7 +46,7 @@ def _basic_block(x, filters: int, stride: int, prefix: str):
 def build_resnet18(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     inputs, x = input_block(input_shape, min_size=32)
     x = layers.Conv2D(64, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = batch_norm("stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for s, (filters, stride) in enumerate(STAGES, start=1):
         for b in range(1, BLOCKS_PER_STAGE + 1):

@@ -10,14 +10,14 @@ import keras
 from keras import layers
 
 from darekit.models import Architecture, register
-from darekit.models.common import input_block
+from darekit.models.common import batch_norm, input_block
 
 
 def build_smallcnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     inputs, x = input_block(input_shape, min_size=0)  # any size >= 8 works; no padding
     for b, width in enumerate((32, 64), start=1):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{b}_conv1")(x)
-        x = layers.BatchNormalization(name=f"block{b}_bn1")(x)
+        x = batch_norm(f"block{b}_bn1")(x)
         x = layers.ReLU(name=f"block{b}_relu1")(x)
         x = layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
     x = layers.Flatten(name="flatten")(x)

@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from darekit.models import Architecture, register
-from darekit.models.common import input_block
+from darekit.models.common import batch_norm, input_block
 
 # Per block: the conv widths; a 2x2 max-pool closes every block.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -34,7 +34,7 @@ def build_vgg(config: tuple[tuple[int, ...], ...], input_shape: tuple[int, int, 
         for i, filters in enumerate(widths, start=1):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
                               name=f"block{b}_conv{i}")(x)
-            x = layers.BatchNormalization(name=f"block{b}_bn{i}")(x)
+            x = batch_norm(f"block{b}_bn{i}")(x)
             x = layers.ReLU(name=f"block{b}_relu{i}")(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
     x = layers.Flatten(name="flatten")(x)
