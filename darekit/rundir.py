@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,11 @@ class Run:
         if not path.is_file():
             raise DareError(f"model file {path} does not exist")
         try:
-            model.load_weights(str(path))
+            with warnings.catch_warnings():
+                # Keras only *warns* when a file lacks some layers and leaves them freshly
+                # initialised; a partial load must fail like a shape mismatch does.
+                warnings.simplefilter("error", UserWarning)
+                model.load_weights(str(path))
         except Exception as e:  # h5py/Keras raise many types on a shape or layer mismatch
             raise DareError(f"model file {path} does not match run {self.path} "
                             f"({self.model_name} on {self.dataset_name}): "
