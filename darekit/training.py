@@ -268,10 +268,20 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
     return run, cfg, done
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Run:
+Hook = Callable[[np.ndarray, np.ndarray], Sequence[keras.callbacks.Callback]]
+
+
+def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] | Hook = (),
+          extra_config: dict[str, Any] | None = None) -> Run:
     """Train ``cfg.model`` on ``cfg.dataset``'s ``x_train``, saving every epoch. Returns the run.
 
-    ``callbacks`` run after the checkpointing callback (benchmarks time epochs with them).
+    Hooks for variants of training (PGD adversarial training uses all three):
+    ``wrap_model`` turns the built model into the one that is compiled and fitted (it must
+    share its layers, so the history holds the architecture's own weights); ``callbacks`` (or
+    ``callbacks(x_holdout, y_holdout)``) run before the checkpointing callback, so metrics
+    they add to the epoch's logs reach ``train_log.csv``; ``extra_config`` joins the ``train``
+    section of ``config.json``.
     """
     run, cfg, start = _prepare_run(cfg)
     set_seed(cfg.seed, cfg.deterministic)
@@ -284,8 +294,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) 
         split.save(split_path)
     data = RunData.from_split(dataset, split)
     arch = get_architecture(cfg.model)
-    train_cfg = {**cfg.to_dict(), "input_shape": list(dataset.input_shape),
-                 "num_classes": dataset.num_classes,
+    train_cfg = {**cfg.to_dict(), **(extra_config or {}),
+                 "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                  "n_train": len(split.train_idx), "n_validation": len(split.validation_idx)}
     run.write_config(rundir.CONFIG, "train", train_cfg)  # on resume: records new --epochs
 
@@ -296,6 +306,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) 
         x_hold, y_hold = x_hold[keep], y_hold[keep]
 
     model = arch.build(dataset.input_shape, dataset.num_classes, *channel_stats(data.x_train))
+    if wrap_model is not None:
+        model = wrap_model(model)
     model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=cfg.jit_compile)
@@ -308,10 +320,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) 
         print(f"{run.path}: already trained for {start} epochs; nothing to do")
         return run
 
+    extra = callbacks(x_hold, y_hold) if callable(callbacks) else callbacks
     ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
     model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
               validation_data=(x_hold, y_hold), validation_batch_size=max(256, cfg.batch_size),
-              callbacks=[EpochHistory(run, cfg, rows), *callbacks], verbose=cfg.verbose,
+              callbacks=[*extra, EpochHistory(run, cfg, rows)], verbose=cfg.verbose,
               shuffle=False)
     return run
-
