@@ -22,7 +22,10 @@ def _import_tensorflow_quietly() -> None:
     try:
         with open(_os.devnull, "w") as devnull:
             _os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
+            import tensorflow
+        # Python-side warnings too (retracing notices when each historical model of a run
+        # gets its own compiled gradient function are expected, not a problem).
+        tensorflow.get_logger().setLevel("ERROR")
     except ImportError:
         pass  # reported by the import that needs it, with stderr back in place
     finally:

@@ -71,12 +71,14 @@ ALEXNET_TRAIN_DEFAULTS = {
     "warmup_epochs": 0,
 }
 
-# dare_lr 1e-3: the README's "10e-3" for AlexNet, read as the intended 1e-3.
+# dare_lr 1e-4, not the artifact README's 1e-3 ("10e-3"): with this package's summed regression
+# loss (docs/method.md) 1e-3 diverged on Fashion-MNIST (weights NaN after the first epoch,
+# accuracy 10%), while 1e-4 trained stably and raised the mean minimal FGSM epsilon.
 register(Architecture(
     name="alexnet",
     builder=build_alexnet,
     trace_layers=("block3_relu1", "block3_relu2", "block3_relu3", "fc1_relu", "fc2_relu"),
-    dare_lr=1e-3,
+    dare_lr=1e-4,
     train_defaults=dict(ALEXNET_TRAIN_DEFAULTS),
     paper_params=9_600_000,
 ))

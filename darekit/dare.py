@@ -1,0 +1,282 @@
+"""Stage 3: transformation, tuning and synchronization (``dare/dare.py``) and its ablations.
+
+One pipeline, ``run_dare``, with the variant as a parameter (``VARIANTS``):
+
+- ``dare``: the regression model R (``traces.trace_model``: the classifier's own layer objects,
+  outputting the activation traces of the sliced layers) is fine-tuned on Stage 2's data with
+  the squared error summed over the slice of each input's class, averaged over the batch (SGD,
+  batch-norm in inference mode). R and the classifier share weights; ``synchronize`` copies and
+  verifies them anyway, and the saved classifier is re-read and compared with R.
+- ``dare-s``: the same with every neuron of the sliced layers (the mask is all ones).
+- ``dare-sl``: no regression model: the classifier is fine-tuned with cross-entropy on the same
+  inputs and anchors with their true labels (``finetune.finetune_ce``); no slice.
+
+Every run logs per epoch the classifier's clean accuracy on ``x_validation`` and the test set
+and the relative weight change per layer (``finetune.EpochLog``); a run whose weights did not
+move is flagged (``moved: false``) and warned about.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import keras
+import numpy as np
+
+from darekit import io
+from darekit.errors import DareError
+from darekit.finetune import EpochLog, EvalSets, FinetuneConfig, finetune_ce
+from darekit.mining import MineResult, load_mined
+from darekit.models import Architecture, get_architecture
+from darekit.rundir import Run
+from darekit.seeding import set_seed
+from darekit.slicing import MASKS
+from darekit.traces import trace_model
+
+DARE_DIR = "dare"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A DARE variant: which of slicing and model transformation it keeps."""
+
+    name: str
+    use_slice: bool
+    use_transform: bool
+    summary: str
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("dare", use_slice=True, use_transform=True,
+            summary="regression model R, loss on the slice of the input's class"),
+    Variant("dare-s", use_slice=False, use_transform=True,
+            summary="regression model R, loss on all neurons of the sliced layers"),
+    Variant("dare-sl", use_slice=False, use_transform=False,
+            summary="no regression model: cross-entropy on the same inputs and anchors"),
+)}
+
+
+@dataclass(frozen=True)
+class DareConfig:
+    """Options of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``.
+
+    Attributes:
+        variant: a key of ``VARIANTS``.
+        lr: SGD learning rate (None: the architecture's ``dare_lr``).
+        epochs, batch_size: fine-tuning length and batch.
+        seed: seeds shuffling (and dropout).
+        min_rel_change: below this largest relative weight change, the weights "did not move".
+        verbose: Keras progress output.
+    """
+
+    variant: str = "dare"
+    lr: float | None = None
+    epochs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+    min_rel_change: float = 1e-6
+    verbose: int = 2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise DareError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
+        if self.lr is not None and not self.lr > 0:
+            raise DareError(f"--lr must be positive; received {self.lr}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DareError(f"--epochs and --batch-size must be positive; received "
+                            f"{self.epochs}, {self.batch_size}")
+
+    def resolved(self, arch: Architecture) -> DareConfig:
+        return self if self.lr is not None else replace(self, lr=arch.dare_lr)
+
+
+# --------------------------------------------------------------------------- loss and masks
+def masked_sse(y_true, y_pred):
+    """Per-sample squared error over the masked units: ``sum(mask * (pred - target)^2, -1)``.
+
+    ``y_true`` ``(B, 2U)`` packs the target ``[:, :U]`` and the 0/1 mask ``[:, U:]``
+    (Keras passes one array per output); ``y_pred`` ``(B, U)``. Keras averages it over the batch
+    and sums it over R's outputs (the sliced layers).
+    """
+    u = keras.ops.shape(y_pred)[-1]
+    target, mask = y_true[:, :u], y_true[:, u:]
+    return keras.ops.sum(mask * keras.ops.square(y_pred - target), axis=-1)
+
+
+def sample_masks(masks: Mapping[str, np.ndarray] | None, y: np.ndarray,
+                 units: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """``{layer: (N, units) float32}``: the slice of each sample's class (all ones if None)."""
+    if masks is None:
+        return {n: np.ones((len(y), u), np.float32) for n, u in units.items()}
+    return {n: masks[n][y].astype(np.float32) for n in units}
+
+
+def load_masks(run: Run, units: Mapping[str, int], num_classes: int) -> dict[str, np.ndarray]:
+    """``slice/masks.npz``, checked against the model's sliced layers."""
+    path = run.file(MASKS)
+    if not path.is_file():
+        raise DareError(f"run {run.path} has no {MASKS}; run dare/nnslicer.py --run-dir "
+                        f"{run.path} first (or dare/dare-s.py, which needs no slice)")
+    masks = io.read_npz(path)
+    for name, u in units.items():
+        if name not in masks or masks[name].shape != (num_classes, u):
+            got = masks[name].shape if name in masks else "missing"
+            raise DareError(f"{MASKS} does not fit layer {name!r} ({num_classes} classes x "
+                            f"{u} units; found {got}); rerun dare/nnslicer.py")
+    return {n: masks[n].astype(bool) for n in units}
+
+
+def regression_loss(r: keras.Model, x: np.ndarray, targets: Sequence[np.ndarray],
+                    masks: Sequence[np.ndarray]) -> float:
+    """DARE's loss on a batch, computed directly: mean over x of the masked SSE of all layers."""
+    outs = r(x, training=False)
+    outs = outs if isinstance(outs, list | tuple) else [outs]
+    per_sample = sum(np.sum(m * (np.asarray(o) - t) ** 2, axis=-1)
+                     for o, t, m in zip(outs, targets, masks, strict=True))
+    return float(np.mean(per_sample))
+
+
+# --------------------------------------------------------------------------- synchronization
+def synchronize(source: keras.Model, target: keras.Model) -> list[str]:
+    """Give ``target`` the weights of every layer it shares by name with ``source``; verify.
+
+    With shared layer objects (``trace_model``) the copy is a no-op, but the check is not.
+    Returns the names of the synchronised layers.
+    """
+    done = []
+    for layer in source.layers:
+        if not layer.weights or layer.name not in {t.name for t in target.layers}:
+            continue
+        dest = target.get_layer(layer.name)
+        if dest is not layer:
+            dest.set_weights(layer.get_weights())
+        for a, b in zip(dest.get_weights(), layer.get_weights(), strict=True):
+            if not np.array_equal(a, b):
+                raise DareError(f"synchronization failed on layer {layer.name!r}")
+        done.append(layer.name)
+    return done
+
+
+def weights_equal(a: keras.Model, b: keras.Model, names: Sequence[str]) -> bool:
+    """Whether layers ``names`` hold bit-identical weights in ``a`` and ``b``."""
+    return all(np.array_equal(u, v)
+               for n in names
+               for u, v in zip(a.get_layer(n).get_weights(), b.get_layer(n).get_weights(),
+                               strict=True))
+
+
+# --------------------------------------------------------------------------- trainers
+@dataclass(frozen=True)
+class Tuned:
+    rows: list[dict[str, Any]]
+    regression_model: keras.Model | None
+
+
+def tune_regression(model: keras.Model, mined: MineResult, masks: Mapping[str, np.ndarray] | None,
+                    layers: Sequence[str], cfg: DareConfig, eval_sets: EvalSets,
+                    log_path: Any) -> Tuned:
+    """DARE / DARE-S: fine-tune R (sharing ``model``'s layers) on the masked regression loss."""
+    r = trace_model(model, layers)
+    units = {n: int(o.shape[-1]) for n, o in zip(layers, r.outputs, strict=True)}
+    m = sample_masks(masks, mined.y, units)
+    y_true = [np.concatenate([mined.targets[n], m[n]], axis=1) for n in layers]
+    bn = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    for la in bn:
+        la.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
+    r.compile(optimizer=keras.optimizers.SGD(cfg.lr), loss=[masked_sse] * len(layers))
+    log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
+    try:
+        r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+              callbacks=[keras.callbacks.TerminateOnNaN(), log], verbose=cfg.verbose)
+    finally:
+        for la in bn:
+            la.trainable = True
+    return Tuned(log.rows, r)
+
+
+def tune_classifier(model: keras.Model, mined: MineResult, cfg: DareConfig,
+                    eval_sets: EvalSets, log_path: Any) -> Tuned:
+    """DARE-SL: cross-entropy fine-tuning of the classifier itself (no R, no slice)."""
+    ft = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    rows = finetune_ce(model, mined.x, mined.y, ft, eval_sets=eval_sets, log_path=log_path,
+                       verbose=cfg.verbose, extra={"variant": cfg.variant})
+    return Tuned(rows, None)
+
+
+# --------------------------------------------------------------------------- the pipeline
+@dataclass(frozen=True)
+class DareResult:
+    model: keras.Model  # the tuned classifier (as saved)
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]  # the per-epoch log
+    regression_model: keras.Model | None  # R (None for DARE-SL)
+
+
+def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> DareResult:
+    """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
+
+    Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary).
+    """
+    t0 = time.perf_counter()
+    variant = VARIANTS[cfg.variant]
+    arch = get_architecture(run.model_name)
+    cfg = cfg.resolved(arch)
+    layers = arch.trace_layers
+    mined = load_mined(run)
+    model = run.load_model()
+    units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
+    masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice else None
+    if len(mined.y) == 0:
+        raise DareError(f"{run.path}/ats holds no collected inputs; nothing to fine-tune on")
+    missing = set(layers) - set(mined.targets)
+    if variant.use_transform and missing:
+        raise DareError(f"ats/ has no targets for {sorted(missing)}; rerun dare/get_ats.py")
+    data = run.data()
+    eval_sets = {"validation": (data.x_validation, data.y_validation),
+                 "test": (data.x_test, data.y_test)}
+    log_path = run.file(f"{DARE_DIR}/{variant.name}_log.csv")
+    set_seed(cfg.seed)
+    log(f"{variant.name}: {variant.summary}; {len(mined.y)} samples, lr {cfg.lr:g}, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}")
+    if variant.use_transform:
+        tuned = tune_regression(model, mined, masks, layers, cfg, eval_sets, log_path)
+    else:
+        tuned = tune_classifier(model, mined, cfg, eval_sets, log_path)
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        raise DareError(f"{variant.name} diverged at --lr {cfg.lr:g} (the weights became "
+                        f"NaN/inf; log {log_path}); nothing was saved. Try a smaller --lr.")
+    synced = synchronize(tuned.regression_model, model) if variant.use_transform else []
+    path = run.save_model(model, variant.name)
+    saved = run.load_named(variant.name)
+    reference = model if tuned.regression_model is None else tuned.regression_model
+    check = synced or [la.name for la in model.layers if la.weights]
+    if not weights_equal(saved, reference, check):
+        raise DareError(f"the saved classifier {path} does not carry the tuned weights")
+    last = tuned.rows[-1]
+    moved = last["max_rel_change"] > cfg.min_rel_change
+    if not moved:
+        print(f"warning: {variant.name}: the weights did not move (largest relative change "
+              f"{last['max_rel_change']:.3g} <= {cfg.min_rel_change:g}); this run is not a "
+              "result. Try a larger --lr.", file=sys.stderr)
+    summary = {
+        "variant": asdict(variant), "samples": int(len(mined.y)),
+        "anchors": int(mined.anchor.sum()), "model_file": str(path),
+        "synchronized_layers": synced, "saved_matches_tuned": True,
+        "moved": bool(moved), "max_rel_change": last["max_rel_change"],
+        "rel_change": {k[len("rel_change/"):]: v for k, v in last.items()
+                       if k.startswith("rel_change/")},
+        "accuracy_before": {k: tuned.rows[0][f"{k}_accuracy"] for k in eval_sets},
+        "accuracy_after": {k: last[f"{k}_accuracy"] for k in eval_sets},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    run.write_config(f"{DARE_DIR}/{variant.name}.json", "dare",
+                     {**asdict(cfg), "summary": summary})
+    log(f"{variant.name}: validation accuracy {summary['accuracy_before']['validation']:.4f} -> "
+        f"{summary['accuracy_after']['validation']:.4f}, test "
+        f"{summary['accuracy_before']['test']:.4f} -> {summary['accuracy_after']['test']:.4f}; "
+        f"largest relative weight change {last['max_rel_change']:.3g}; saved {path}")
+    return DareResult(model, summary, tuned.rows, tuned.regression_model)

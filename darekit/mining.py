@@ -1,0 +1,325 @@
+"""Stage 2: augmentation by delta debugging over the training history (``dare/get_ats.py``).
+
+As ``docs/method.md`` (Stage 2) describes:
+
+1. Each historical model M_k (k = 1..E) takes a disjoint, seeded share of ``x_validation`` and
+   gives each of its inputs a direction ``delta = eps_mine * sign(grad_x CE(M_k(x), y))``.
+2. Inputs the final model M_E misclassifies clean are skipped (ddmin needs ``test([])`` to
+   pass); inputs M_E still classifies correctly at ``x + delta`` are not collected.
+3. For the rest, ddmin over the perturbation's 4x4-pixel patches (all channels together) with
+   ``test(S) = "M_E misclassifies clip(x + delta|S, 0, 1)"`` gives a 1-minimal S*; the
+   collected input is ``x' = clip(x + delta|S*, 0, 1)``. All inputs' ddmin runs advance
+   together: one batched M_E call per round (``ddmin.ddmin_batched``).
+4. Regression data: the target of x' is M_E's activation traces of the sliced layers on the
+   clean x (``traces.get_ats``); the clean x joins with the same target as an anchor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from darekit import io
+from darekit.ddmin import Subset, ddmin_batched
+from darekit.errors import DareError
+from darekit.models import get_architecture
+from darekit.rundir import Run
+from darekit.traces import get_ats
+
+ATS_DIR = "ats"
+DATA = f"{ATS_DIR}/data.npz"
+STATS = f"{ATS_DIR}/stats.json"
+TARGET = "target/"
+ORDERS = ("gain", "grid")  # key prefix of the per-layer targets in data.npz
+
+# Decision: 1.5x each dataset's robust-accuracy budget (0.1 Fashion-MNIST, 8/255 CIFAR/SVHN).
+EPS_MINE: dict[str, float] = {"fashion_mnist": 0.15, "cifar10": 12 / 255, "svhn": 12 / 255}
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """Options of ``dare/get_ats.py``.
+
+    Attributes:
+        eps_mine: L-inf size of the historical models' directions (None: ``EPS_MINE``).
+        patch: side of the square pixel patches ddmin works on.
+        max_inputs: mine only a seeded subset of N ``x_validation`` inputs (quick runs).
+        anchors: add every collected input's clean x with the same target.
+        batch_size: images per model call.
+        seed: seeds the shares of the history and the ``max_inputs`` subset.
+        order: how each input's patches are listed to ddmin: ``"gain"`` (decreasing
+            first-order loss increase of M_E, ``sum(delta * grad_x CE)`` over the patch) or
+            ``"grid"`` (row-major). Same 1-minimal guarantee; fewer queries with "gain".
+    """
+
+    eps_mine: float | None = None
+    patch: int = 4
+    max_inputs: int | None = None
+    anchors: bool = True
+    batch_size: int = 256
+    seed: int = 0
+    order: str = "gain"
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise DareError(f"--order must be one of {list(ORDERS)}; received {self.order!r}")
+        if self.eps_mine is not None and not 0 < self.eps_mine <= 1:
+            raise DareError(f"--eps-mine must lie in (0, 1]; received {self.eps_mine}")
+        if self.patch < 1 or self.batch_size < 1:
+            raise DareError(f"--patch and --batch-size must be positive; received "
+                            f"{self.patch}, {self.batch_size}")
+        if self.max_inputs is not None and self.max_inputs < 1:
+            raise DareError(f"--max-inputs must be positive; received {self.max_inputs}")
+
+    def resolved(self, dataset: str) -> MineConfig:
+        """The config with ``eps_mine`` filled in from the dataset's default."""
+        if self.eps_mine is not None:
+            return self
+        if dataset not in EPS_MINE:
+            raise DareError(f"no default --eps-mine for dataset {dataset!r}; give one")
+        return replace(self, eps_mine=EPS_MINE[dataset])
+
+
+# --------------------------------------------------------------------------- model calls
+class LabelPredictor:
+    """``model``'s predicted labels, compiled once for any batch size (no retracing, no
+    padding: the last ddmin rounds have few active inputs and must stay cheap)."""
+
+    def __init__(self, model: keras.Model, batch_size: int):
+        self.batch_size = batch_size
+        self.calls = 0  # model calls (batches), for the statistics
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        self._fn = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1),
+                               input_signature=[spec])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(len(x), dtype=np.int64)
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i:i + self.batch_size]
+            out[i:i + len(xb)] = self._fn(tf.constant(xb, tf.float32)).numpy()
+            self.calls += 1
+        return out
+
+
+def input_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray,
+                    batch_size: int = 256) -> np.ndarray:
+    """``grad_x CE(model(x), y)`` per input, ``(N, H, W, C)`` float32 (inference mode)."""
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+
+    @tf.function
+    def grad(xb, yb):
+        with tf.GradientTape() as tape:
+            tape.watch(xb)
+            loss = ce(yb, model(xb, training=False))
+        return tape.gradient(loss, xb)
+
+    out = np.empty(x.shape, dtype=np.float32)
+    for i in range(0, len(x), batch_size):
+        out[i:i + batch_size] = grad(tf.constant(x[i:i + batch_size]),
+                                     tf.constant(y[i:i + batch_size])).numpy()
+    return out
+
+
+def fgsm_directions(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: float,
+                    batch_size: int = 256) -> np.ndarray:
+    """``eps * sign(grad_x CE(model(x), y))``, ``(N, H, W, C)`` float32."""
+    return (eps * np.sign(input_gradients(model, x, y, batch_size))).astype(np.float32)
+
+
+def patch_ids(height: int, width: int, patch: int) -> np.ndarray:
+    """``(H, W)`` int: the patch each pixel belongs to (row-major grid of ``patch`` squares)."""
+    rows = np.arange(height) // patch
+    cols = np.arange(width) // patch
+    return rows[:, None] * (-(-width // patch)) + cols[None, :]
+
+
+# --------------------------------------------------------------------------- ddmin on patches
+@dataclass(frozen=True)
+class Minimized:
+    """Result of ``minimize_deltas`` for n inputs."""
+
+    patches: list[np.ndarray]  # per input, the patch ids of S*
+    masks: np.ndarray  # (n, H, W) bool, the pixels of S*
+    queries: np.ndarray  # (n,) ddmin queries of each input
+    rounds: int  # batched model calls rounds (one per ddmin step of the longest run)
+
+
+def minimize_deltas(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+                    delta: np.ndarray, patch: int,
+                    priority: np.ndarray | None = None) -> Minimized:
+    """ddmin over each input's perturbation patches, all inputs batched together.
+
+    Every ``x + delta`` must already be misclassified (``predict(x+delta) != y``) and every
+    clean ``x`` classified correctly; patches where ``delta`` is zero are not items.
+
+    Args:
+        predict: labels of a batch of images ``(B, H, W, C) -> (B,)``.
+        x, delta: ``(n, H, W, C)``; ``y``: ``(n,)``.
+        priority: ``(n, H, W)`` per-pixel scores; each input's patches are listed to ddmin in
+            decreasing order of their summed score (None: grid order). ddmin splits its list
+            into contiguous parts, so putting the likely culprits together saves queries.
+    """
+    n, h, w = x.shape[:3]
+    grid = patch_ids(h, w, patch)
+    n_patches = int(grid.max()) + 1
+    nonzero = np.zeros((n, n_patches), dtype=bool)
+    np.logical_or.at(nonzero.T, grid.ravel(), np.any(delta != 0, axis=-1).reshape(n, -1).T)
+    items = [np.flatnonzero(row) for row in nonzero]
+    if priority is not None:
+        score = np.zeros((n, n_patches))
+        np.add.at(score.T, grid.ravel(), priority.reshape(n, -1).T)
+        items = [it[np.argsort(-score[i, it], kind="stable")] for i, it in enumerate(items)]
+    if any(len(it) == 0 for it in items):
+        raise DareError("an input with a zero perturbation cannot be misclassified")
+    rounds = 0
+
+    def pixel_masks(pairs: Sequence[tuple[int, Subset]]) -> np.ndarray:
+        on = np.zeros((len(pairs), n_patches), dtype=bool)
+        for q, (i, s) in enumerate(pairs):
+            on[q, items[i][list(s)]] = True
+        return on[:, grid]  # (Q, H, W)
+
+    def test_batch(pairs: list[tuple[int, Subset]]) -> np.ndarray:
+        nonlocal rounds
+        rounds += 1
+        idx = np.array([i for i, _ in pairs])
+        xq = np.clip(x[idx] + delta[idx] * pixel_masks(pairs)[..., None], 0.0, 1.0)
+        return predict(xq.astype(np.float32)) != y[idx]
+
+    subsets, queries = ddmin_batched([len(it) for it in items], test_batch, known_failing=True)
+    pairs = list(enumerate(subsets))
+    masks = pixel_masks(pairs) if pairs else np.zeros((0, h, w), bool)
+    return Minimized([np.sort(items[i][list(s)]) for i, s in pairs], masks, queries, rounds)
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class MineResult:
+    """The regression data of ``ats/data.npz`` and the statistics of ``ats/stats.json``."""
+
+    x: np.ndarray  # (M, H, W, C) collected inputs, then their anchors
+    y: np.ndarray  # (M,) true labels
+    targets: dict[str, np.ndarray]  # {layer: (M, units)} M_E's traces on the clean inputs
+    anchor: np.ndarray  # (M,) bool
+    epoch: np.ndarray  # (M,) the historical epoch whose direction mined the input
+    index: np.ndarray  # (M,) index into x_validation
+    patches: np.ndarray  # (M,) |S*| (0 for anchors)
+    stats: dict[str, Any]
+
+
+def _distribution(v: np.ndarray) -> dict[str, float]:
+    if len(v) == 0:
+        return {"count": 0}
+    q = np.percentile(v, [0, 25, 50, 75, 100])
+    return {"count": int(len(v)), "mean": float(v.mean()), "min": float(q[0]),
+            "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]), "max": float(q[4])}
+
+
+def mine_history(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -> MineResult:
+    """Run Stage 2 on ``run`` (its history and ``x_validation``) and return the data."""
+    t0 = time.perf_counter()
+    cfg = cfg.resolved(run.dataset_name)
+    epochs = run.history_epochs()
+    data = run.data()
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(data.x_validation))
+    if cfg.max_inputs is not None:
+        order = np.sort(order[:cfg.max_inputs])
+    x_all, y_all = data.x_validation[order], data.y_validation[order]
+    shares = np.array_split(rng.permutation(len(order)), len(epochs))
+
+    delta = np.empty_like(x_all)
+    mined_by = np.empty(len(order), dtype=np.int64)
+    for epoch, share in zip(epochs, shares, strict=True):
+        model_k = run.load_model(epoch)
+        delta[share] = fgsm_directions(model_k, x_all[share], y_all[share], cfg.eps_mine,
+                                       cfg.batch_size)
+        mined_by[share] = epoch
+        del model_k
+    t_grad = time.perf_counter() - t0
+
+    final = run.load_model()
+    predict = LabelPredictor(final, cfg.batch_size)
+    clean_ok = predict(x_all) == y_all
+    fails = np.zeros(len(order), dtype=bool)
+    fails[clean_ok] = predict(np.clip(x_all[clean_ok] + delta[clean_ok], 0, 1)) != y_all[clean_ok]
+    cand = np.flatnonzero(fails)
+    log(f"{len(order)} inputs, {clean_ok.sum()} classified correctly by epoch {epochs[-1]}, "
+        f"{len(cand)} misclassified at x + delta; ddmin over {cfg.patch}x{cfg.patch} patches")
+    t1 = time.perf_counter()
+    priority = None
+    if cfg.order == "gain":
+        grads = input_gradients(final, x_all[cand], y_all[cand], cfg.batch_size)
+        priority = (delta[cand] * grads).sum(axis=-1)
+    mini = minimize_deltas(predict, x_all[cand], y_all[cand], delta[cand], cfg.patch, priority)
+    t_ddmin = time.perf_counter() - t1
+    x_mined = np.clip(x_all[cand] + delta[cand] * mini.masks[..., None], 0, 1).astype(np.float32)
+
+    layers = get_architecture(run.model_name).trace_layers
+    clean_targets = get_ats(final, x_all[cand], layers, cfg.batch_size)
+    k = 2 if cfg.anchors else 1
+    sizes = np.array([len(p) for p in mini.patches], dtype=np.int64)
+    result = MineResult(
+        x=np.concatenate([x_mined] + [x_all[cand]] * (k - 1)),
+        y=np.tile(y_all[cand], k),
+        targets={n: np.tile(t, (k, 1)) for n, t in clean_targets.items()},
+        anchor=np.repeat([False, True][:k], len(cand)),
+        epoch=np.tile(mined_by[cand], k),
+        index=np.tile(order[cand], k),
+        patches=np.concatenate([sizes] + [np.zeros_like(sizes)] * (k - 1)),
+        stats={},
+    )
+    n_grid = int(patch_ids(*x_all.shape[1:3], cfg.patch).max()) + 1
+    screening = len(order) + int(clean_ok.sum())  # the clean and the x + delta queries
+    result.stats.update({
+        "inputs": int(len(order)),
+        "clean_correct": int(clean_ok.sum()),
+        "failures": int(len(cand)),
+        "failure_rate": float(len(cand) / max(int(clean_ok.sum()), 1)),
+        "collected": int(len(cand)),
+        "anchors": int(len(cand) if cfg.anchors else 0),
+        "samples": int(len(result.y)),
+        "patches_per_image": n_grid,
+        "s_star_size": _distribution(sizes),
+        "s_star_fraction_of_patches": float(sizes.mean() / n_grid) if len(sizes) else None,
+        "ddmin_queries_per_collected_input": _distribution(mini.queries),
+        "model_queries_per_input": float((screening + mini.queries.sum()) / len(order)),
+        "ddmin_rounds": mini.rounds,
+        "model_calls": predict.calls,
+        "mining_epochs": {int(e): int(np.sum(mined_by == e)) for e in epochs},
+        "collected_by_epoch": {int(e): int(np.sum(mined_by[cand] == e)) for e in epochs},
+        "final_epoch": int(epochs[-1]),
+        "seconds": {"gradients": round(t_grad, 3), "ddmin": round(t_ddmin, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+    })
+    return result
+
+
+def run_mining(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -> MineResult:
+    """Stage 2 on ``run``; writes ``ats/data.npz`` and ``ats/stats.json``."""
+    result = mine_history(run, cfg, log)
+    io.write_npz(run.file(DATA), x=result.x, y=result.y, anchor=result.anchor,
+                 epoch=result.epoch, index=result.index, patches=result.patches,
+                 **{TARGET + n: t for n, t in result.targets.items()})
+    io.write_json(run.file(STATS), {"mine": asdict(cfg.resolved(run.dataset_name)),
+                                    "stats": result.stats, "run": str(run.path)})
+    return result
+
+
+def load_mined(run: Run) -> MineResult:
+    """Read ``ats/`` back (``DareError`` if Stage 2 has not run)."""
+    path = run.file(DATA)
+    if not path.is_file():
+        raise DareError(f"run {run.path} has no {DATA}; run dare/get_ats.py --run-dir "
+                        f"{run.path} first")
+    z = io.read_npz(path)
+    stats = io.read_json(run.file(STATS))["stats"] if run.file(STATS).is_file() else {}
+    targets = {k[len(TARGET):]: v for k, v in z.items() if k.startswith(TARGET)}
+    return MineResult(z["x"], z["y"], targets, z["anchor"], z["epoch"], z["index"],
+                      z["patches"], stats)

@@ -1,0 +1,155 @@
+"""Stage 2: directions from the history, batched ddmin on real inputs, traces, and the script."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import run_script
+
+from darekit import io
+from darekit.errors import DareError
+from darekit.mining import (
+    DATA,
+    EPS_MINE,
+    STATS,
+    LabelPredictor,
+    MineConfig,
+    fgsm_directions,
+    input_gradients,
+    load_mined,
+    minimize_deltas,
+    patch_ids,
+)
+from darekit.models import get_architecture
+from darekit.rundir import Run
+from darekit.traces import get_ats
+
+
+def test_patch_grid():
+    g = patch_ids(28, 28, 4)
+    assert g.shape == (28, 28) and g.max() == 48
+    assert (g[:4, :4] == 0).all() and (g[:4, 4:8] == 1).all() and g[4, 0] == 7
+    g = patch_ids(6, 5, 4)  # ragged border patches are smaller, not dropped
+    assert g.max() == 3 and (g[4:, 4:] == 3).all()
+
+
+def test_eps_mine_defaults():
+    assert MineConfig().resolved("fashion_mnist").eps_mine == 0.15
+    assert MineConfig().resolved("cifar10").eps_mine == pytest.approx(12 / 255)
+    assert MineConfig(eps_mine=0.05).resolved("svhn").eps_mine == 0.05
+    assert set(EPS_MINE) == {"fashion_mnist", "cifar10", "svhn"}
+    with pytest.raises(DareError, match="--eps-mine"):
+        MineConfig(eps_mine=0.0)
+
+
+def test_traces_average_conv_channels(fm_run):
+    run = Run.open(fm_run)
+    model = run.load_model()
+    x = run.data().x_validation[:5]
+    ats = get_ats(model, x, ("block2_relu1", "fc1_relu"))
+    import keras
+    raw = keras.Model(model.inputs[0], [model.get_layer("block2_relu1").output,
+                                        model.get_layer("fc1_relu").output])(x, training=False)
+    np.testing.assert_allclose(ats["block2_relu1"], np.asarray(raw[0]).mean(axis=(1, 2)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ats["fc1_relu"], np.asarray(raw[1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def failing(fm_run):
+    """Validation inputs that the final model classifies correctly clean, wrongly at x+delta."""
+    run = Run.open(fm_run)
+    model = run.load_model()
+    d = run.data()
+    x, y = d.x_validation[:300], d.y_validation[:300]
+    delta = fgsm_directions(run.load_model(1), x, y, 0.15)
+    predict = LabelPredictor(model, 256)
+    ok = (predict(x) == y) & (predict(np.clip(x + delta, 0, 1)) != y)
+    assert ok.sum() >= 5
+    return model, x[ok][:24], y[ok][:24], delta[ok][:24]
+
+
+def test_directions_are_signed_gradient_steps(failing):
+    _, _, _, delta = failing
+    step = np.float32(0.15).item()
+    assert set(np.unique(delta).tolist()) <= {-step, 0.0, step}
+    assert (delta != 0).mean() > 0.5
+
+
+@pytest.mark.parametrize("order", ["grid", "gain"])
+def test_ddmin_on_real_inputs_is_failure_inducing_and_one_minimal(failing, order):
+    """Re-query the model: x + delta|S* is misclassified, and so is no S* minus one patch."""
+    model, x, y, delta = failing
+    predict = LabelPredictor(model, 256)
+    calls_before = predict.calls
+    priority = (delta * input_gradients(model, x, y)).sum(-1) if order == "gain" else None
+    mini = minimize_deltas(predict, x, y, delta, patch=4, priority=priority)
+    # batched: one model call per round for all inputs (batch 256 >= active inputs)
+    assert predict.calls - calls_before == mini.rounds == mini.queries.max()
+    grid = patch_ids(28, 28, 4)
+    for i in range(len(x)):
+        s = mini.patches[i]
+        assert len(s) >= 1
+        np.testing.assert_array_equal(mini.masks[i], np.isin(grid, s))
+        x_s = np.clip(x[i] + delta[i] * np.isin(grid, s)[..., None], 0, 1)
+        assert model.predict(x_s[None], verbose=0).argmax() != y[i]
+        fewer = [np.clip(x[i] + delta[i] * np.isin(grid, np.delete(s, j))[..., None], 0, 1)
+                 for j in range(len(s))]
+        assert (model.predict(np.stack(fewer), verbose=0).argmax(-1) == y[i]).all()
+
+
+@pytest.fixture(scope="module")
+def mined_run(fm_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("mine") / "run"
+    shutil.copytree(fm_run, run_dir)
+    run_script("dare/get_ats.py", "--run-dir", run_dir, "--max-inputs", "400")
+    return Run.open(run_dir)
+
+
+def test_get_ats_outputs(mined_run):
+    m = load_mined(mined_run)
+    stats = io.read_json(mined_run.file(STATS))
+    s = stats["stats"]
+    assert stats["mine"]["eps_mine"] == 0.15 and stats["mine"]["patch"] == 4
+    assert s["inputs"] == 400 and s["collected"] == s["failures"] > 0
+    assert s["failure_rate"] == pytest.approx(s["failures"] / s["clean_correct"])
+    n = s["collected"]
+    assert len(m.y) == 2 * n and m.anchor.sum() == n and s["anchors"] == n
+    assert sum(s["mining_epochs"].values()) == 400 and set(m.epoch) <= {1, 2, 3, 4}
+    assert s["s_star_size"]["count"] == n and s["model_queries_per_input"] > 1
+    assert set(m.targets) == set(get_architecture("smallcnn").trace_layers)
+    # anchors are the clean inputs, with the same targets and labels as their collected twin
+    d = mined_run.data()
+    mined, anchor = ~m.anchor, m.anchor
+    np.testing.assert_array_equal(m.x[anchor], d.x_validation[m.index[anchor]])
+    np.testing.assert_array_equal(m.index[mined], m.index[anchor])
+    for t in m.targets.values():
+        np.testing.assert_array_equal(t[mined], t[anchor])
+    np.testing.assert_array_equal(m.y, d.y_validation[m.index])
+    # targets are the final model's traces of the clean x
+    ats = get_ats(mined_run.load_model(), m.x[anchor], list(m.targets))
+    for name, t in m.targets.items():
+        np.testing.assert_allclose(t[anchor], ats[name], rtol=1e-5, atol=1e-5)
+    # x' = clip(x + delta|S*): within eps of x, in [0, 1], changed only on |S*| patches
+    diff = m.x[mined] - m.x[anchor]
+    assert np.abs(diff).max() <= 0.15 + 1e-6 and m.x.min() >= 0 and m.x.max() <= 1
+    grid = patch_ids(28, 28, 4)
+    for dd, k in zip(diff, m.patches[mined], strict=True):
+        touched = np.unique(grid[np.any(dd != 0, axis=-1)])
+        assert len(touched) <= k
+    # the collected inputs fool the final model; the anchors do not
+    pred = mined_run.load_model().predict(m.x, verbose=0).argmax(-1)
+    assert (pred[mined] != m.y[mined]).all() and (pred[anchor] == m.y[anchor]).all()
+
+
+def test_get_ats_refuses_a_run_without_history(tmp_path):
+    run_dir = tmp_path / "untrained"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"train": {"model": "smallcnn"}}')
+    proc = run_script("dare/get_ats.py", "--run-dir", run_dir, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: run ") and "no training history" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (run_dir / DATA).exists()

@@ -1,0 +1,274 @@
+"""NNSlicer contribution analysis: hand-computed cases, the vectorised rules against a plain
+per-neuron transcription of NNSlicer's algorithm, ``per`` monotonicity, and the script."""
+
+from __future__ import annotations
+
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_script
+
+from darekit import io
+from darekit.errors import DareError
+from darekit.models import get_architecture
+from darekit.rundir import Run
+from darekit.slicing import (
+    MASKS,
+    SUMMARY,
+    Chain,
+    SliceConfig,
+    approx_contributions,
+    contributions,
+    cover_mask,
+    select_synapses,
+    slice_model,
+    unit_scores,
+)
+
+
+def _dense_net(w1: np.ndarray, w2: np.ndarray) -> keras.Model:
+    """image (2,) -> ReLU r0 -> Dense h (3) -> ReLU h_relu -> Dense logits (2); no biases."""
+    x_in = keras.Input((2,), name="image")
+    x = keras.layers.ReLU(name="r0")(x_in)
+    x = keras.layers.Dense(3, use_bias=False, name="h")(x)
+    x = keras.layers.ReLU(name="h_relu")(x)
+    out = keras.layers.Dense(2, use_bias=False, name="logits")(x)
+    model = keras.Model(x_in, out)
+    model.get_layer("h").set_weights([w1])
+    model.get_layer("logits").set_weights([w2])
+    return model
+
+
+# Chosen so that, for class 0, the logit's synapse terms are v = W2[:, 0] * dx = [3, 1, -0.5]
+# (dy = 3.5) and the hidden unit 0's terms are v = W1[:, 0] * dx0 = [1, -0.5] (dy = 0.5).
+W1 = np.array([[1.0, 0.3, 0.2], [2.0, 0.1, 0.4]], dtype=np.float32)
+W2 = np.array([[6.0, 1.0], [-1.0, 1.0], [-0.25, 1.0]], dtype=np.float32)
+X = np.array([[1.0, 0.75]], dtype=np.float32)
+
+
+def _hand_case(eps: float):
+    model = _dense_net(W1, W2)
+    chain = Chain.of(model, ("r0", "h_relu"))
+    acts = chain.forward(X)  # [r0, h, h_relu, logits]
+    dx_h_relu = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+    refs = [acts[0][0] - np.array([1.0, -0.25], dtype=np.float32),  # dx0 = [1, -0.25]
+            acts[1][0], acts[2][0] - dx_h_relu, acts[3][0]]
+    cfg = SliceConfig(eps=eps, bar=0.01)
+    return contributions(chain, acts, refs, np.array([0]), cfg)
+
+
+def test_hand_computed_contributions_eps_0_2():
+    c = _hand_case(eps=0.2)
+    # Logit 0: v = [3, 1, -0.5], dy = 3.5; sorted partial sums [3, 4, 3.5]; |3 - 3.5| < 0.7,
+    # so only synapse 0 is kept: CONTRIB = sign(3) sign(3.5) = +1.
+    np.testing.assert_array_equal(c["h_relu"], [[1.0, 0.0, 0.0]])
+    # ReLU passes it to h; unit 0 of h: v = [1, -0.5], dy = 0.5, partial sums [1, 0.5]:
+    # both synapses are needed (|1 - 0.5| >= 0.1): CONTRIB = [sign(1), sign(-0.5)] = [1, -1].
+    np.testing.assert_array_equal(c["r0"], [[1.0, -1.0]])
+
+
+def test_hand_computed_contributions_eps_0_1_keeps_the_negative_synapse():
+    c = _hand_case(eps=0.1)
+    # |3 - 3.5| = 0.5 >= 0.35 and |4 - 3.5| = 0.5 >= 0.35: all three synapses are kept, with
+    # signs sign(v) * sign(dy) = [+1, +1, -1]; the third pulls the logit against its change.
+    np.testing.assert_array_equal(c["h_relu"], [[1.0, 1.0, -1.0]])
+    # Each traced hidden unit j sends its own signs to r0 (v_j = W1[:, j] * [1, -0.25]):
+    # j=0: [1, -0.5] -> [1, -1] * (+1);  j=1: [0.3, -0.025] -> [1, 0] * (+1) (0.025 < 0.1*0.275
+    # after the first: |0.3 - 0.275| = 0.025 < 0.0275);  j=2: [0.2, -0.1] -> sum 0.1,
+    # |0.2 - 0.1| >= 0.01 so both: [1, -1] * (-1) = [-1, 1].  Total: [1, 0].
+    np.testing.assert_array_equal(c["r0"], [[1.0, 0.0]])
+    scores = unit_scores(c["h_relu"])
+    np.testing.assert_array_equal(cover_mask(scores, 0.95), [[True, True, True]])
+    np.testing.assert_array_equal(cover_mask(scores, 0.5), [[True, True, False]])
+
+
+def test_approx_mode_is_gradient_times_delta():
+    model = _dense_net(W1, W2)
+    chain = Chain.of(model, ("h_relu",))
+    acts = chain.forward(X)
+    refs = [acts[0][0] - np.array([0.5, -1.0, 2.0], np.float32), acts[1][0]]
+    got = approx_contributions(chain, X, refs, np.array([0]), SliceConfig(mode="approx"))
+    np.testing.assert_allclose(got["h_relu"], [[3.0, 1.0, -0.5]], rtol=1e-6)
+
+
+def _select_reference(v, eps, bar):
+    """``arg_abs_approx`` exactly as research/nnslicer.md section 4 writes it (one neuron)."""
+    if 1.0 / v.size >= 1 - eps:
+        return {int(np.argmax(v))}
+    s = v.sum()
+    sv = v[np.argsort(-np.abs(v), kind="stable")]
+    if abs(s) < abs(sv[-1]) or abs(s) < 1e-3 * abs(sv[0]) or s == 0:
+        return set()
+    hits = np.flatnonzero(np.abs(np.cumsum(sv) - s) < eps * abs(s))
+    k = hits[0] if len(hits) else len(sv) - 1
+    return set(np.flatnonzero(np.abs(v) > abs(sv[k]) * (1 - bar)).tolist())
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
+def test_vectorised_selection_matches_the_per_neuron_algorithm(eps):
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(300, 17)) * rng.uniform(0, 3, size=(300, 1))
+    v[::7] *= rng.uniform(size=(1, 17)) > 0.6  # some sparse rows, some all-zero
+    keep = select_synapses(v, eps, 0.01)
+    for row, k in zip(v, keep, strict=True):
+        assert set(np.flatnonzero(k).tolist()) == _select_reference(row, eps, 0.01)
+
+
+def _conv_net(stride: int) -> keras.Model:
+    x_in = keras.Input((6, 6, 2), name="image")
+    x = keras.layers.ReLU(name="r0")(x_in)
+    x = keras.layers.Conv2D(3, 3, strides=stride, padding="same", use_bias=False, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="r1")(x)
+    x = keras.layers.MaxPooling2D(2 if stride == 1 else 1, name="pool")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    out = keras.layers.Dense(4, name="logits")(x)
+    model = keras.Model(x_in, out)
+    rng = np.random.default_rng(stride)
+    model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    model.get_layer("bn").set_weights([np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)])
+    return model
+
+
+def _conv_backward_reference(layer, x_in, ref, c_out, eps, bar):
+    """The per-neuron loop of research/nnslicer.md section 7 (one image, 'same' padding)."""
+    k = np.asarray(layer.kernel)
+    kh, kw, cin, _ = k.shape
+    s = layer.strides[0]
+    h, w = x_in.shape[:2]
+    ho, wo = c_out.shape[:2]
+    pt = max((ho - 1) * s + kh - h, 0) // 2
+    pl = max((wo - 1) * s + kw - w, 0) // 2
+    dx = x_in - ref
+    c_in = np.zeros(x_in.shape)
+    for oh, ow, co in np.argwhere(c_out != 0):
+        cells = [(oh * s + a - pt, ow * s + b - pl, ci) for a in range(kh) for b in range(kw)
+                 for ci in range(cin)]
+        cells = [(i, j, ci) for i, j, ci in cells if 0 <= i < h and 0 <= j < w]
+        v = np.array([dx[i, j, ci] * k[i - oh * s + pt, j - ow * s + pl, ci, co]
+                      for i, j, ci in cells])
+        dy = v.sum()
+        for idx in _select_reference(v, eps, bar):
+            c_in[cells[idx]] += np.sign(v[idx]) * np.sign(dy) * np.sign(c_out[oh, ow, co])
+    return c_in
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_rule_matches_the_per_neuron_algorithm(stride):
+    model = _conv_net(stride)
+    chain = Chain.of(model, ("r0", "r1"))
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, size=(3, 6, 6, 2)).astype("float32")
+    acts = chain.forward(x)
+    refs = [a.mean(0) for a in acts]
+    cfg = SliceConfig(eps=0.2)
+    got = contributions(chain, acts, refs, np.array([0, 1, 3]), cfg)
+    conv = model.get_layer("conv")
+    assert np.abs(got["r1"]).sum() > 0
+    for b in range(3):  # conv's input is r0's output; r1's contributions pass BN unchanged
+        want = _conv_backward_reference(conv, acts[0][b], refs[0], got["r1"][b], 0.2, 0.01)
+        np.testing.assert_array_equal(got["r0"][b], want)
+        assert np.abs(want).sum() > 0
+
+
+def test_maxpool_copies_to_every_tied_maximum_and_flatten_keeps_mass():
+    x_in = keras.Input((4, 4, 1), name="image")
+    x = keras.layers.ReLU(name="r")(x_in)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    model = keras.Model(x_in, keras.layers.Dense(2, name="logits")(x))
+    chain = Chain.of(model, ("r", "flat"))
+    img = np.zeros((1, 4, 4, 1), np.float32)
+    img[0, 0, 1, 0] = 5.0  # window (0,0): one maximum; the other windows are all-zero ties
+    acts = chain.forward(img)
+    from darekit.slicing import RULES
+    pool = model.get_layer("pool")
+    c_out = np.array([[[[1.0], [-1.0]], [[1.0], [2.0]]]], np.float32)
+    c_in = RULES[keras.layers.MaxPooling2D](pool, acts[0], 0.0, c_out, SliceConfig())
+    assert c_in[0, 0, 1, 0] == 1.0 and c_in[0, :2, :2].sum() == 1.0
+    np.testing.assert_array_equal(c_in[0, :2, 2:, 0], -np.ones((2, 2)))  # 4 tied maxima
+    np.testing.assert_array_equal(c_in[0, 2:, 2:, 0], 2 * np.ones((2, 2)))
+    flat = RULES[keras.layers.Flatten](model.get_layer("flat"), c_out, 0.0,
+                                       c_out.reshape(1, -1), SliceConfig())
+    assert np.abs(flat).sum() == np.abs(c_out).sum()
+
+
+def test_cover_mask_definition_and_edge_cases():
+    s = np.array([[5.0, 0.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(cover_mask(s, 0.5), [[1, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(cover_mask(s, 0.51), [[1, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(cover_mask(s, 1.0), [[1, 0, 1, 1], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("per", [0.0, -0.1, 1.5])
+def test_per_outside_unit_interval_is_refused(per):
+    with pytest.raises(DareError, match="--per must lie in"):
+        SliceConfig(per=per)
+
+
+def test_non_sequential_model_is_refused():
+    x_in = keras.Input((4,), name="image")
+    a = keras.layers.Dense(4, name="a")(x_in)
+    r = keras.layers.ReLU(name="r")(a)
+    s = keras.layers.Add(name="add")([a, r])
+    model = keras.Model(x_in, keras.layers.Dense(2, name="logits")(s))
+    with pytest.raises(DareError, match="sequential chain|does not support"):
+        Chain.of(model, ("r",))
+
+
+@pytest.fixture(scope="module")
+def fm_slice(fm_run):
+    run = Run.open(fm_run)
+    data = run.data()
+    layers = get_architecture(run.model_name).trace_layers
+    cfg = SliceConfig(max_per_class=15)
+    return slice_model(run.load_model(), data.x_train, data.y_train, layers, cfg)
+
+
+def test_slice_grows_with_per(fm_slice):
+    pers = [0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0]
+    masks = [fm_slice.masks(p) for p in pers]
+    for name in fm_slice.scores:
+        sizes = [m[name].sum() for m in masks]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1], (name, sizes)
+        for small, big in zip(masks, masks[1:], strict=False):
+            assert not (small[name] & ~big[name]).any()  # nested, not just larger
+        # per = 1 keeps exactly the units with a non-zero score
+        np.testing.assert_array_equal(masks[-1][name], fm_slice.scores[name] > 0)
+
+
+def test_exact_and_approx_slices_agree_roughly(fm_run, fm_slice):
+    from darekit.slicing import mask_jaccard
+    run = Run.open(fm_run)
+    data = run.data()
+    layers = get_architecture(run.model_name).trace_layers
+    approx = slice_model(run.load_model(), data.x_train, data.y_train, layers,
+                         SliceConfig(max_per_class=15, mode="approx"))
+    jac = mask_jaccard(fm_slice.masks(), approx.masks())
+    assert all(0.3 < j <= 1.0 for j in jac.values()), jac
+
+
+def test_nnslicer_script_writes_masks(fm_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(fm_run, run_dir)
+    run_script("dare/nnslicer.py", "--run-dir", run_dir, "--per", "0.9", "--max-per-class", "10")
+    masks = io.read_npz(run_dir / MASKS)
+    arch = get_architecture("smallcnn")
+    assert set(masks) == set(arch.trace_layers)
+    assert masks["fc1_relu"].shape == (10, 128) and masks["fc1_relu"].dtype == bool
+    assert masks["block2_relu1"].shape == (10, 64)
+    assert all(m.any(axis=1).all() for m in masks.values())  # every class has a slice
+    summary = io.read_json(run_dir / SUMMARY)
+    assert summary["slice"]["per"] == 0.9
+    sizes = summary["summary"]["layers"]["fc1_relu"]["slice_size"]
+    assert sizes == masks["fc1_relu"].sum(1).tolist()
+    assert (run_dir / "slice" / "summary.csv").is_file()
+
+
+def test_nnslicer_script_refuses_bad_per_before_work(tmp_path):
+    proc = run_script("dare/nnslicer.py", "--run-dir", tmp_path / "none", "--per", "0",
+                      check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --per must lie in (0, 1]; received 0.0"
