@@ -88,8 +88,7 @@ def adv_finetune(run: Run, attack: str, cfg: AdvFinetuneConfig, *,
                      {"attack": attack, **cfg.to_dict(), **info, "log": str(log),
                       "model": str(run.model_path(name)), "status": "running"})
     rows = finetune_ce(model, x, y, cfg.finetune,
-                       eval_sets={"validation": (data.x_validation, data.y_validation),
-                                  "test": (data.x_test, data.y_test)},
+                       eval_sets=run.eval_sets(data),
                        log_path=log, verbose=verbose, extra={"attack": attack})
     path = run.save_model(model, name)
     run.write_config(f"logs/{name}.json", "adv_finetune",

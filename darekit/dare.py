@@ -236,8 +236,7 @@ def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> Da
     if variant.use_transform and missing:
         raise DareError(f"ats/ has no targets for {sorted(missing)}; rerun dare/get_ats.py")
     data = run.data()
-    eval_sets = {"validation": (data.x_validation, data.y_validation),
-                 "test": (data.x_test, data.y_test)}
+    eval_sets = run.eval_sets(data)
     log_path = run.file(f"{DARE_DIR}/{variant.name}_log.csv")
     set_seed(cfg.seed)
     log(f"{variant.name}: {variant.summary}; {len(mined.y)} samples, lr {cfg.lr:g}, "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,8 @@ class EvalConfig:
     models: tuple[str, ...] | None = None   # None: every model of the run
     batch_size: int = 256
     search: SearchConfig = SearchConfig()
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per attack
+
 
     def __post_init__(self) -> None:
         if self.n < 10:
@@ -272,6 +274,8 @@ class EvalConfig:
             raise DareError(f"--batch-size must be positive; received {self.batch_size}")
         for a in self.attacks:
             get_spec(a)
+        for a, p in self.params.items():
+            get_spec(a).params(**p)  # unknown attack or parameter: fail now, not mid-run
 
 
 def _part_paths(run: Run, model: str, attack: str) -> tuple[Path, Path]:
@@ -303,8 +307,9 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
     for model_name, attack in bar:
         bar.set_postfix_str(f"{model_name} / {attack}")
         meta_path, arrays_path = _part_paths(run, model_name, attack)
+        params = dict(cfg.params.get(attack, {}))
         key = {"n": len(idx), "seed": cfg.seed, "search": asdict(cfg.search),
-               "weights_mtime": _mtime(run, model_name)}
+               "params": params, "weights_mtime": _mtime(run, model_name)}
         if meta_path.is_file() and io.read_json(meta_path).get("key") == key:
             meta = io.read_json(meta_path)
         else:
@@ -312,8 +317,8 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
                 loaded.clear()  # one model in memory at a time
                 loaded[model_name] = run.load_named(model_name)
             ev = evaluate_attack(loaded[model_name], x, y, attack, dataset=run.dataset_name,
-                                 search=cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 progress=progress)
+                                 search=cfg.search, params=params, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, progress=progress)
             io.write_npz(arrays_path, clean_correct=ev.clean_correct, fooled=ev.fooled,
                          perturbation=ev.perturbation, x_norm=ev.x_norm,
                          robust_at_budget=ev.robust_at_budget)

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from darekit import io
-from darekit.data import Dataset, Split, load_dataset
+from darekit.data import Dataset, Split, balanced_subset, load_dataset
 from darekit.errors import DareError
 from darekit.models import get_architecture
 from darekit.provenance import provenance
@@ -133,6 +133,18 @@ class Run:
     def data(self) -> RunData:
         """The dataset split exactly as training saw it (``x_train``/``x_validation``/test)."""
         return RunData.from_split(load_dataset(self.dataset_name), self.split())
+
+    def eval_sets(self, data: RunData | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The sets fine-tuning stages log accuracy on: ``x_validation`` and the test images
+        training held out (the run's ``--test-subset``, a seeded class-balanced subset, or
+        the whole test set)."""
+        data = data or self.data()
+        x, y = data.x_test, data.y_test
+        n = self.train_config.get("test_subset")
+        if n is not None and n < len(y):
+            keep = balanced_subset(y, int(n), self.seed)
+            x, y = x[keep], y[keep]
+        return {"validation": (data.x_validation, data.y_validation), "test": (x, y)}
 
     # ------------------------------------------------------------------ history
     def completed_epochs(self) -> int:
