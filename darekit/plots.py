@@ -45,7 +45,7 @@ def plot_run(run: Run, rows: Sequence[Mapping[str, Any]]) -> None:
         ax.set(title=attack, xlabel=f"epsilon ({norm})", ylim=(0, 1))
     axes[0][0].set_ylabel("robust accuracy")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{run.model_name} on {run.dataset_name}: robust accuracy vs epsilon")
+    fig.suptitle(f"{run.model_name} on {run.dataset_name}: robust accuracy vs epsilon", y=1.04)
     _save(fig, out / "robust_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(attacks) * max(1, len(methods)) / 3, 3.2))
@@ -56,5 +56,5 @@ def plot_run(run: Run, rows: Sequence[Mapping[str, Any]]) -> None:
         ax.bar(np.arange(len(attacks)) + i * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
     ax.set(ylabel="Empirical Robustness", title=f"{run.model_name} on {run.dataset_name}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, out / "er.png")

@@ -123,9 +123,9 @@ class Stage:
 
 
 def _train(s: Study) -> None:
-    cfg = TrainConfig.resolve(s.model, s.dataset, **s.profile.train, seed=s.seed,
-                              run_dir=str(s.path), resume=(s.path / "config.json").is_file(),
-                              verbose=2)
+    cfg = TrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.train},
+                              seed=s.seed, run_dir=str(s.path),
+                              resume=(s.path / "config.json").is_file())
     train(cfg)
 
 
@@ -138,9 +138,9 @@ def _trained(s: Study) -> bool:
 
 def _pgd_at(s: Study) -> None:
     sub = s.path / "pgd-at-run"
-    cfg = AdvTrainConfig.resolve(s.model, s.dataset, **s.profile.pgd_at, seed=s.seed,
-                                 run_dir=str(sub), resume=(sub / "config.json").is_file(),
-                                 verbose=2)
+    cfg = AdvTrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.pgd_at},
+                                 seed=s.seed, run_dir=str(sub),
+                                 resume=(sub / "config.json").is_file())
     pgd_run = adv_train(cfg)
     # Same architecture, same seed and subset, hence the same x_train: the PGD-trained
     # classifier is one more model of this run for the evaluation.

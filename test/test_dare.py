@@ -117,9 +117,9 @@ def test_whole_chain_via_scripts(chain_outputs, variant):
     original = run.load_model()
     x = run.data().x_test[:64]
     assert not np.allclose(tuned.predict(x, verbose=0), original.predict(x, verbose=0))
+    x_held, y_held = run.eval_sets()["test"]  # the test images training held out
     assert float(rows[-1]["test_accuracy"]) == pytest.approx(
-        float(np.mean(tuned.predict(run.data().x_test, verbose=0).argmax(-1)
-                      == run.data().y_test)), abs=1e-6)
+        float(np.mean(tuned.predict(x_held, verbose=0).argmax(-1) == y_held)), abs=1e-6)
     assert "validation accuracy" in procs[variant].stdout
     # DARE-SL is CE fine-tuning (logs accuracy); DARE/DARE-S regress the sliced layers' traces
     regression_cols = {f"{LAYERS[0]}_ats_loss", f"{LAYERS[1]}_loss"}
