@@ -46,7 +46,9 @@ def relative_change(before: Mapping[str, list[np.ndarray]], model: keras.Model
     out = {}
     for name, ws0 in before.items():
         ws = model.get_layer(name).trainable_weights
-        num = sum(float(np.sum((w.numpy() - w0) ** 2)) for w, w0 in zip(ws, ws0, strict=True))
+        with np.errstate(over="ignore", invalid="ignore"):  # diverged weights: inf, reported
+            num = sum(float(np.sum((w.numpy() - w0) ** 2))
+                      for w, w0 in zip(ws, ws0, strict=True))
         den = sum(float(np.sum(w0 ** 2)) for w0 in ws0)
         out[name] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
     return out

@@ -48,6 +48,13 @@ def epoch_filename(epoch: int) -> str:
     return f"epoch_{epoch:03d}.weights.h5"
 
 
+def weights_view(model: keras.Model) -> keras.Model:
+    """An uncompiled model over the same layers: its ``save_weights`` writes the layers'
+    weights only. (A compiled model's file also carries the optimizer's slots, which doubles
+    a history of SGD-with-momentum checkpoints; resume state is saved apart.)"""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
 @dataclass(frozen=True)
 class RunData:
     """The run's data: ``x_*`` are ``(N, H, W, C)`` float32 in [0, 1], ``y_*`` int64."""
@@ -202,7 +209,7 @@ class Run:
     def save_model(self, model: keras.Model, name: str) -> Path:
         """Save a derived classifier (``dare``, ``adv-fgsm``...) into ``models/``, atomically."""
         path = self.model_path(name)
-        io.save_with(path, model.save_weights)
+        io.save_with(path, weights_view(model).save_weights)
         return path
 
     def load_named(self, name: str) -> keras.Model:

@@ -218,6 +218,9 @@ class EpochHistory(keras.callbacks.Callback):
         self.run, self.cfg, self.rows = run, cfg, log_rows
         self._t0 = time.perf_counter()
 
+    def on_train_begin(self, logs=None):
+        self._view = rundir.weights_view(self.model)  # layer weights only, no optimizer slots
+
     def on_epoch_begin(self, epoch, logs=None):
         self.model.optimizer.learning_rate.assign(learning_rate(self.cfg, epoch))
         self._t0 = time.perf_counter()
@@ -228,7 +231,7 @@ class EpochHistory(keras.callbacks.Callback):
         row = {"epoch": k, "lr": learning_rate(self.cfg, epoch), "seconds": round(seconds, 3)}
         row.update({key: float(v) for key, v in (logs or {}).items() if key != "learning_rate"})
         self.rows[:] = [r for r in self.rows if int(r["epoch"]) < k] + [row]
-        io.save_with(self.run.epoch_path(k), self.model.save_weights)
+        io.save_with(self.run.epoch_path(k), self._view.save_weights)
         save_optimizer(self.model.optimizer, self.run.file(rundir.OPTIMIZER))
         io.write_csv(self.run.file(rundir.TRAIN_LOG), self.rows)
         io.write_json(self.run.file(rundir.PROGRESS), {"epoch": k})
@@ -313,7 +316,7 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
                   metrics=["accuracy"], jit_compile=cfg.jit_compile)
     rows: list[dict[str, Any]] = []
     if start > 0:
-        model.load_weights(str(run.epoch_path(start)))
+        rundir.weights_view(model).load_weights(str(run.epoch_path(start)))
         load_optimizer(model.optimizer, model, run.file(rundir.OPTIMIZER))
         rows = [r for r in io.read_csv(run.file(rundir.TRAIN_LOG)) if int(r["epoch"]) <= start]
     if start >= cfg.epochs:
