@@ -29,15 +29,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io, rundir, training
+from darekit import io, layout, training
+from darekit.data import dataset_spec
 from darekit.errors import DareError
 from darekit.paths import runs_dir
 from darekit.rundir import Run
-from darekit.training import FLIP_SAFE, TrainConfig
-
-PGD_EPS = {"fashion_mnist": 0.1, "cifar10": 8 / 255, "svhn": 8 / 255}
-"""Training budget per dataset: the seed's 8/255 for the colour sets; 0.1 (method.md's
-robust-accuracy budget) for Fashion-MNIST."""
+from darekit.training import TrainConfig
 
 MADRY_TRAIN = {
     "epochs": 200, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
@@ -69,11 +66,10 @@ class PGDConfig:
 
     @classmethod
     def for_dataset(cls, dataset: str, **given: Any) -> PGDConfig:
-        """``PGD_EPS[dataset]`` and the defaults, updated with the non-``None`` ``given``."""
-        values = {"eps": PGD_EPS.get(dataset)} | {k: v for k, v in given.items() if v is not None}
-        if values["eps"] is None:
-            raise DareError(f"no default PGD epsilon for dataset {dataset!r}; pass --eps")
-        return cls(**values)
+        """The dataset's L-inf budget (the seed's 8/255 for the colour sets; 0.1 for
+        Fashion-MNIST) and the defaults, updated with the non-``None`` ``given``."""
+        values = {"eps": dataset_spec(dataset).linf_budget}
+        return cls(**values | {k: v for k, v in given.items() if v is not None})
 
 
 def linf_pgd(model: keras.Model, x: tf.Tensor, y: tf.Tensor, cfg: PGDConfig,
@@ -194,7 +190,7 @@ class AdvTrainConfig:
         """``MADRY_TRAIN`` < given options (``None``: unset); PGD fields go to ``PGDConfig``."""
         pgd = {k: given.pop(k) for k in PGD_FIELDS if k in given}
         values: dict[str, Any] = dict(MADRY_TRAIN)
-        if not FLIP_SAFE.get(dataset, True):
+        if not dataset_spec(dataset).flip_safe:
             values["augment"] = "crop"
         values.update({k: v for k, v in given.items() if v is not None})
         values["milestones"] = tuple(int(m) for m in values["milestones"])
@@ -212,7 +208,7 @@ class AdvTrainConfig:
             given.get("dataset", "cifar10"), given.get("model", "resnet18"),
             given.get("seed", 0))))
         path = given["run_dir"]
-        saved_file = Path(path) / rundir.CONFIG
+        saved_file = Path(path) / layout.CONFIG
         if not (given.get("resume") and saved_file.is_file()):
             return cls.resolve(given.pop("model", "resnet18"), given.pop("dataset", "cifar10"),
                                **given)

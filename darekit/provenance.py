@@ -11,7 +11,8 @@ from darekit import __version__
 from darekit.paths import ROOT
 
 # Distribution names; TensorFlow is recorded from the module, whichever wheel provided it.
-PACKAGES = ("numpy", "keras", "foolbox", "eagerpy", "scipy", "h5py")
+PACKAGES = ("numpy", "keras", "foolbox", "eagerpy", "adversarial-robustness-toolbox", "scipy",
+            "h5py")
 
 
 def package_versions() -> dict[str, str]:

@@ -1,23 +1,14 @@
 """A run directory: one trained model with its history, and everything later stages add.
 
-Layout (every file written atomically)::
-
-    <run>/config.json            training config, seed, package versions, git commit
-    <run>/split.npz              the 50/50 split as indices into the original training set
-    <run>/train_log.csv          loss and accuracy per epoch (train and held-out)
-    <run>/history/epoch_NNN.weights.h5   weights after NNN complete epochs (1-based)
-    <run>/state/                 optimizer state and progress, for --resume
-    <run>/models/<name>.weights.h5       derived classifiers (dare, dare-s, adv-fgsm, ...)
-    <run>/<stage>/               outputs of later stages (slice/, ats/, adv/, eval/)
-
-Models are stored as weights only: the architecture is rebuilt from ``config.json``, so a
-weights file that does not belong to the run fails loudly instead of loading silently.
+Its layout is declared in ``darekit.layout``; every file is written atomically. Models are
+stored as weights (the architecture is rebuilt from ``config.json``, so a weights file that
+does not belong to the run fails loudly instead of loading silently) and, for derived
+classifiers, also as standalone ``.keras`` files that load without darekit.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,26 +17,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from darekit import io
+from darekit import io, layout
 from darekit.data import Dataset, Split, balanced_subset, load_dataset
 from darekit.errors import DareError
 from darekit.models import get_architecture
 from darekit.provenance import provenance
-
-CONFIG = "config.json"
-SPLIT = "split.npz"
-TRAIN_LOG = "train_log.csv"
-HISTORY = "history"
-STATE = "state"
-PROGRESS = "state/progress.json"
-OPTIMIZER = "state/optimizer.npz"
-MODELS = "models"
-_EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.weights\.h5$")
-
-
-def epoch_filename(epoch: int) -> str:
-    """``epoch_007.weights.h5``: the weights after 7 complete epochs (Keras' 1-based count)."""
-    return f"epoch_{epoch:03d}.weights.h5"
 
 
 def weights_view(model: keras.Model) -> keras.Model:
@@ -95,11 +71,11 @@ class Run:
     def open(cls, path: str | Path, *, need_history: bool = True) -> Run:
         """Open an existing run; fail with a clear message when it is not a trained run."""
         run = cls(path)
-        if not (run.path / CONFIG).is_file():
-            raise DareError(f"no run at {run.path} (no {CONFIG}); train one first, e.g. "
+        if not (run.path / layout.CONFIG).is_file():
+            raise DareError(f"no run at {run.path} (no {layout.CONFIG}); train one first, e.g. "
                             f"python train/train.py --model vgg16 --run-dir {run.path}")
         if need_history and not run.history_epochs():
-            raise DareError(f"run {run.path} has no training history ({HISTORY}/ is empty); "
+            raise DareError(f"run {run.path} has no training history ({layout.HISTORY}/ is empty); "
                             "train it first or resume it with --resume")
         return run
 
@@ -108,7 +84,7 @@ class Run:
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
-        return io.read_json(self.path / CONFIG)
+        return io.read_json(self.path / layout.CONFIG)
 
     @property
     def train_config(self) -> dict[str, Any]:
@@ -126,15 +102,29 @@ class Run:
     def seed(self) -> int:
         return int(self.train_config["seed"])
 
+    @property
+    def trace_layers(self) -> tuple[str, ...]:
+        """The layers slicing and activation traces use: the run's own (recorded in its
+        config, e.g. for an imported model) or else its architecture's."""
+        own = self.train_config.get("trace_layers")
+        return tuple(own) if own else get_architecture(self.model_name).trace_layers
+
+    @property
+    def dare_lr(self) -> float:
+        """DARE's default learning rate for this run's model (the architecture's)."""
+        own = self.train_config.get("dare_lr")
+        return float(own) if own is not None else get_architecture(self.model_name).dare_lr
+
     def write_config(self, rel: str, section: str, cfg: dict[str, Any]) -> None:
         """Write ``{section: cfg, run: ..., provenance...}`` to ``<run>/<rel>`` atomically."""
         io.write_json(self.path / rel, {section: cfg, "run": str(self.path), **provenance()})
 
     # ------------------------------------------------------------------ data
     def split(self) -> Split:
-        p = self.path / SPLIT
+        p = self.path / layout.SPLIT
         if not p.is_file():
-            raise DareError(f"run {self.path} has no {SPLIT}; it was not created by train.py")
+            raise DareError(f"run {self.path} has no {layout.SPLIT}; it was not created by "
+                            "train.py")
         return Split.load(p)
 
     def data(self) -> RunData:
@@ -155,20 +145,20 @@ class Run:
 
     # ------------------------------------------------------------------ history
     def completed_epochs(self) -> int:
-        p = self.path / PROGRESS
+        p = self.path / layout.PROGRESS
         return int(io.read_json(p)["epoch"]) if p.is_file() else 0
 
     def history_epochs(self) -> list[int]:
         """Epochs whose weights are saved and complete (never one that a kill cut short)."""
-        folder = self.path / HISTORY
+        folder = self.path / layout.HISTORY
         if not folder.is_dir():
             return []
         done = self.completed_epochs()
-        found = (int(m.group(1)) for p in folder.iterdir() if (m := _EPOCH_RE.match(p.name)))
+        found = (int(m.group(1)) for p in folder.iterdir() if (m := layout.EPOCH_RE.match(p.name)))
         return sorted(e for e in found if e <= done)
 
     def epoch_path(self, epoch: int) -> Path:
-        return self.path / HISTORY / epoch_filename(epoch)
+        return self.path / layout.epoch_file(epoch)
 
     # ------------------------------------------------------------------ models
     def build_model(self) -> keras.Model:
@@ -204,7 +194,7 @@ class Run:
         return self._load_into(self.build_model(), self.epoch_path(epoch))
 
     def model_path(self, name: str) -> Path:
-        return self.path / MODELS / f"{name}.weights.h5"
+        return self.path / layout.model_file(name)
 
     def save_model(self, model: keras.Model, name: str) -> Path:
         """Save a derived classifier (``dare``, ``adv-fgsm``...) into ``models/``, atomically."""
@@ -212,15 +202,40 @@ class Run:
         io.save_with(path, weights_view(model).save_weights)
         return path
 
-    def load_named(self, name: str) -> keras.Model:
-        """Load a derived classifier; ``original`` is the last epoch of the history."""
+    def weights_path(self, name: str) -> Path:
+        """The weights file of ``name``; ``original`` is the last epoch of the history."""
         if name == "original":
-            return self.load_model()
-        return self._load_into(self.build_model(), self.model_path(name))
+            epochs = self.history_epochs()
+            if not epochs:
+                raise DareError(f"run {self.path} has no training history")
+            return self.epoch_path(epochs[-1])
+        return self.model_path(name)
+
+    def load_named(self, name: str, into: keras.Model | None = None) -> keras.Model:
+        """Load a derived classifier; ``original`` is the last epoch of the history.
+        ``into``: a model of this run to load the weights into (its compiled functions stay
+        valid: an evaluation reuses them across methods) instead of a new one."""
+        return self._load_into(into if into is not None else self.build_model(),
+                               self.weights_path(name))
+
+    def diverged_models(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"lr", "log"}}`` of the fine-tuned classifiers whose last run diverged
+        (their summaries in ``dare/`` and ``logs/`` say so; no model was saved)."""
+        out = {}
+        for folder in (layout.DARE_DIR, layout.LOGS_DIR):
+            for path in sorted((self.path / folder).glob("*.json")):
+                meta = io.read_json(path)
+                section = next((v for k, v in meta.items() if isinstance(v, dict)
+                                and k in ("dare", "adv_finetune")), {})
+                info = section.get("summary", section)
+                if info.get("status") == "diverged":
+                    out[path.stem] = {"lr": section.get("lr"), "log": info.get("log")}
+        return out
 
     def named_models(self) -> list[str]:
         """``original`` plus every derived classifier saved in ``models/``."""
-        folder = self.path / MODELS
-        names = sorted(p.name[: -len(".weights.h5")] for p in folder.glob("*.weights.h5")
+        folder = self.path / layout.MODELS
+        suffix = layout.WEIGHTS_SUFFIX
+        names = sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")
                        if io.TMP_MARK not in p.name) if folder.is_dir() else []
         return ["original", *names]

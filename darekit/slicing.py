@@ -36,16 +36,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io
+from darekit import io, layout
 from darekit.errors import DareError
 from darekit.models import LOGITS, get_architecture
 from darekit.rundir import Run
-
-SLICE_DIR = "slice"
-MASKS = f"{SLICE_DIR}/masks.npz"
-SCORES = f"{SLICE_DIR}/scores.npz"
-SUMMARY = f"{SLICE_DIR}/summary.json"
-SUMMARY_CSV = f"{SLICE_DIR}/summary.csv"
 
 
 @dataclass(frozen=True)
@@ -468,19 +462,19 @@ def run_slicing(run: Run, cfg: SliceConfig, log: Callable[[str], Any] = print) -
     data = run.data()
     result = slice_model(model, data.x_train, data.y_train, arch.trace_layers, cfg, log=log)
     masks = result.masks()
-    io.write_npz(run.file(MASKS), **masks)
-    io.write_npz(run.file(SCORES), **{k: np.asarray(v) for k, v in result.scores.items()},
+    io.write_npz(run.file(layout.MASKS), **masks)
+    io.write_npz(run.file(layout.SCORES), **{k: np.asarray(v) for k, v in result.scores.items()},
                  images=result.images)
     rows = [{"layer": name, "class": c, "units": m.shape[1], "slice_size": int(m[c].sum()),
              "fraction": round(float(m[c].mean()), 4)}
             for name, m in masks.items() for c in range(m.shape[0])]
-    io.write_csv(run.file(SUMMARY_CSV), rows)
+    io.write_csv(run.file(layout.SLICE_SUMMARY_CSV), rows)
     summary = {
         "mode": cfg.mode, "per": cfg.per, "images_per_class": result.images,
         "seconds": round(result.seconds, 3), "images_per_second": result.images_per_second,
         "layers": {name: {"units": int(m.shape[1]), "slice_size": m.sum(1).tolist(),
                           "mean_fraction": float(m.mean())} for name, m in masks.items()},
     }
-    io.write_json(run.file(SUMMARY), {"slice": asdict(cfg), "summary": summary,
+    io.write_json(run.file(layout.SLICE_SUMMARY), {"slice": asdict(cfg), "summary": summary,
                                       "run": str(run.path)})
     return result

@@ -18,20 +18,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io, rundir
-from darekit.data import DATASETS, Split, balanced_subset, load_dataset, make_split
+from darekit import io, layout, rundir
+from darekit.data import Split, balanced_subset, dataset_spec, load_dataset, make_split
 from darekit.errors import DareError
 from darekit.models import get_architecture
 from darekit.models.common import channel_stats
-from darekit.paths import default_run_dir
+from darekit.paths import default_run_dir, mark_latest
 from darekit.rundir import Run, RunData
 from darekit.seeding import set_seed
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 HOLDOUTS = ("test", "validation")
-
-# Horizontal flips change the meaning of digits; SVHN trains without them.
-FLIP_SAFE = {"cifar10": True, "fashion_mnist": True, "svhn": False}
 
 
 @dataclass(frozen=True)
@@ -65,8 +62,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_architecture(self.model)  # raises on an unknown name
-        if self.dataset not in DATASETS:
-            raise DareError(f"unknown dataset {self.dataset!r}; expected one of {sorted(DATASETS)}")
+        dataset_spec(self.dataset)  # raises on an unknown name
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise DareError(f"--{name.replace('_', '-')} must be a positive integer; "
@@ -96,7 +92,7 @@ class TrainConfig:
         """Defaults < the architecture's ``train_defaults`` < given options (``None``: unset)."""
         arch = get_architecture(model)
         values: dict[str, Any] = dict(arch.train_defaults)
-        if "flip" in values.get("augment", cls.augment) and not FLIP_SAFE.get(dataset, True):
+        if "flip" in values.get("augment", cls.augment) and not dataset_spec(dataset).flip_safe:
             values["augment"] = "crop"
         values.update({k: v for k, v in given.items() if v is not None})
         if "milestones" in values:
@@ -112,7 +108,7 @@ class TrainConfig:
         """
         given = {k: v for k, v in given.items() if v is not None}
         path = given.get("run_dir")
-        saved_file = Path(path) / rundir.CONFIG if path else None
+        saved_file = Path(path) / layout.CONFIG if path else None
         if given.get("resume") and saved_file is not None and saved_file.is_file():
             saved = io.read_json(saved_file)["train"]
             names = {f.name for f in dataclasses.fields(cls)}
@@ -232,9 +228,9 @@ class EpochHistory(keras.callbacks.Callback):
         row.update({key: float(v) for key, v in (logs or {}).items() if key != "learning_rate"})
         self.rows[:] = [r for r in self.rows if int(r["epoch"]) < k] + [row]
         io.save_with(self.run.epoch_path(k), self._view.save_weights)
-        save_optimizer(self.model.optimizer, self.run.file(rundir.OPTIMIZER))
-        io.write_csv(self.run.file(rundir.TRAIN_LOG), self.rows)
-        io.write_json(self.run.file(rundir.PROGRESS), {"epoch": k})
+        save_optimizer(self.model.optimizer, self.run.file(layout.OPTIMIZER))
+        io.write_csv(self.run.file(layout.TRAIN_LOG), self.rows)
+        io.write_json(self.run.file(layout.PROGRESS), {"epoch": k})
 
 
 def save_optimizer(opt: keras.optimizers.Optimizer, path: Path) -> None:
@@ -258,7 +254,7 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
     """Create or reopen the run directory; return it, the config to use and the start epoch."""
     path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.dataset, cfg.model, cfg.seed)
     run = Run(path)
-    has_config = run.file(rundir.CONFIG).is_file()
+    has_config = run.file(layout.CONFIG).is_file()
     done = run.completed_epochs() if has_config else 0
     if not cfg.resume:
         if has_config:
@@ -266,7 +262,7 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
                             "pass --resume to continue it or choose another --run-dir")
         return run, cfg, 0
     if not has_config:
-        raise DareError(f"nothing to resume at {run.path} (no {rundir.CONFIG})")
+        raise DareError(f"nothing to resume at {run.path} (no {layout.CONFIG})")
     io.remove_stale_tmp(run.path)
     return run, cfg, done
 
@@ -289,7 +285,7 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     run, cfg, start = _prepare_run(cfg)
     set_seed(cfg.seed, cfg.deterministic)
     dataset = load_dataset(cfg.dataset)
-    split_path = run.file(rundir.SPLIT)
+    split_path = run.file(layout.SPLIT)
     if split_path.is_file():
         split = Split.load(split_path)
     else:
@@ -300,7 +296,8 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     train_cfg = {**cfg.to_dict(), **(extra_config or {}),
                  "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                  "n_train": len(split.train_idx), "n_validation": len(split.validation_idx)}
-    run.write_config(rundir.CONFIG, "train", train_cfg)  # on resume: records new --epochs
+    run.write_config(layout.CONFIG, "train", train_cfg)  # on resume: records new --epochs
+    mark_latest(run.path)
 
     x_hold, y_hold = (data.x_test, data.y_test) if cfg.holdout == "test" else \
         (data.x_validation, data.y_validation)
@@ -317,8 +314,8 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     rows: list[dict[str, Any]] = []
     if start > 0:
         rundir.weights_view(model).load_weights(str(run.epoch_path(start)))
-        load_optimizer(model.optimizer, model, run.file(rundir.OPTIMIZER))
-        rows = [r for r in io.read_csv(run.file(rundir.TRAIN_LOG)) if int(r["epoch"]) <= start]
+        load_optimizer(model.optimizer, model, run.file(layout.OPTIMIZER))
+        rows = [r for r in io.read_csv(run.file(layout.TRAIN_LOG)) if int(r["epoch"]) <= start]
     if start >= cfg.epochs:
         print(f"{run.path}: already trained for {start} epochs; nothing to do")
         return run

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 from conftest import run_script
 
-from darekit import io
+from darekit import io, layout
 from darekit.errors import DareError
 from darekit.models import get_architecture
 from darekit.rundir import Run
 from darekit.slicing import (
-    MASKS,
-    SUMMARY,
     Chain,
     SliceConfig,
     approx_contributions,
@@ -254,13 +252,13 @@ def test_nnslicer_script_writes_masks(fm_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(fm_run, run_dir)
     run_script("dare/nnslicer.py", "--run-dir", run_dir, "--per", "0.9", "--max-per-class", "10")
-    masks = io.read_npz(run_dir / MASKS)
+    masks = io.read_npz(run_dir / layout.MASKS)
     arch = get_architecture("smallcnn")
     assert set(masks) == set(arch.trace_layers)
     assert masks["fc1_relu"].shape == (10, 128) and masks["fc1_relu"].dtype == bool
     assert masks["block2_relu1"].shape == (10, 64)
     assert all(m.any(axis=1).all() for m in masks.values())  # every class has a slice
-    summary = io.read_json(run_dir / SUMMARY)
+    summary = io.read_json(run_dir / layout.SLICE_SUMMARY)
     assert summary["slice"]["per"] == 0.9
     sizes = summary["summary"]["layers"]["fc1_relu"]["slice_size"]
     assert sizes == masks["fc1_relu"].sum(1).tolist()

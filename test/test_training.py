@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import run_script
 
-from darekit import io, rundir
+from darekit import io, layout
 from darekit.errors import DareError
 from darekit.models import ARCHITECTURES
 from darekit.paths import ROOT
@@ -97,7 +97,7 @@ def test_history_config_and_log(fm_run):
     split = run.split()
     assert len(split.train_idx) == len(split.validation_idx) == 1000
     assert not set(split.train_idx) & set(split.validation_idx)
-    log = io.read_csv(run.file(rundir.TRAIN_LOG))
+    log = io.read_csv(run.file(layout.TRAIN_LOG))
     assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(log[0])
 
@@ -136,7 +136,7 @@ def test_sigkill_then_resume(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "DAREKIT_OFFLINE": "1"})
     deadline = time.time() + 300
-    while not (rd / rundir.HISTORY / rundir.epoch_filename(2)).exists():
+    while not (rd / layout.epoch_file(2)).exists():
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -151,7 +151,7 @@ def test_sigkill_then_resume(tmp_path):
     run_script("train/train.py", "--run-dir", rd, "--resume", "--verbose", "0")
     assert run.history_epochs() == [1, 2, 3, 4, 5, 6]
     assert not list(rd.rglob("*.tmp-*"))
-    log = io.read_csv(run.file(rundir.TRAIN_LOG))
+    log = io.read_csv(run.file(layout.TRAIN_LOG))
     assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4, 5, 6]
     assert float(log[-1]["val_accuracy"]) > 0.5
 
