@@ -15,7 +15,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from darekit.attacks import get_spec, load_adversarial
+from darekit import layout
+from darekit.advsets import load_adversarial
+from darekit.attacks import get_spec
 from darekit.errors import DareError
 from darekit.finetune import FinetuneConfig, finetune_ce
 from darekit.rundir import Run
@@ -72,26 +74,40 @@ def training_set(run: Run, attack: str, mix_clean: float, seed: int
     return x, y, info
 
 
+def adversarial_finetune(model: keras.Model, x_adv: np.ndarray, y: np.ndarray,
+                         cfg: AdvFinetuneConfig, *, eval_sets=None, log_path=None,
+                         verbose: int = 1, extra=None) -> tuple[str, list[dict[str, Any]]]:
+    """The baseline on any model: fine-tune ``model`` in place with cross-entropy on
+    adversarial images ``x_adv`` ``(M, H, W, C)`` and their true labels ``y`` ``(M,)``.
+    Returns ``(status, epoch-log rows)``; ``status`` is ``diverged`` when the weights became
+    NaN or inf (the model must then not be used), else ``ok``."""
+    rows = finetune_ce(model, x_adv, y, cfg.finetune, eval_sets=eval_sets or {},
+                       log_path=log_path, verbose=verbose, extra=extra)
+    finite = all(np.isfinite(w).all() for w in model.get_weights())
+    return ("ok" if finite else "diverged"), rows
+
+
 def adv_finetune(run: Run, attack: str, cfg: AdvFinetuneConfig, *,
                  verbose: int = 1) -> tuple[keras.Model, list[dict[str, Any]]]:
     """Fine-tune the run's classifier on ``attack``'s adversarial ``x_train``; save and log it.
 
-    Returns the fine-tuned model (also saved as ``adv-<attack>``) and the epoch-log rows.
+    Returns the fine-tuned model (also saved as ``adv-<attack>``) and the epoch-log rows. A
+    run that diverges saves no model; its summary (``logs/adv-<attack>.json``) says
+    ``diverged``, with the learning rate and the log.
     """
     attack = get_spec(attack).name
     x, y, info = training_set(run, attack, cfg.mix_clean, cfg.finetune.seed)
-    data = run.data()
     model = run.load_model()
     name = model_name(attack)
-    log = run.file(f"logs/{name}.csv")
-    run.write_config(f"logs/{name}.json", "adv_finetune",
-                     {"attack": attack, **cfg.to_dict(), **info, "log": str(log),
-                      "model": str(run.model_path(name)), "status": "running"})
-    rows = finetune_ce(model, x, y, cfg.finetune,
-                       eval_sets=run.eval_sets(data),
-                       log_path=log, verbose=verbose, extra={"attack": attack})
-    path = run.save_model(model, name)
-    run.write_config(f"logs/{name}.json", "adv_finetune",
-                     {"attack": attack, **cfg.to_dict(), **info, "log": str(log),
-                      "model": str(path), "status": "done"})
+    log = run.file(layout.finetune_log(name))
+    meta = {"attack": attack, **cfg.to_dict(), **info, "log": str(log)}
+    run.write_config(layout.finetune_summary(name), "adv_finetune",
+                     {**meta, "status": "running"})
+    status, rows = adversarial_finetune(model, x, y, cfg, eval_sets=run.eval_sets(),
+                                        log_path=log, verbose=verbose, extra={"attack": attack})
+    if status == "diverged":
+        run.model_path(name).unlink(missing_ok=True)
+    else:
+        meta["model"] = str(run.save_model(model, name))
+    run.write_config(layout.finetune_summary(name), "adv_finetune", {**meta, "status": status})
     return model, rows

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_script
 
+from darekit import advsets as S
 from darekit import attacks as A
 from darekit import io
 from darekit.adv_finetune import AdvFinetuneConfig, adv_finetune, training_set
@@ -23,7 +24,7 @@ def ft_run(fm_run, tmp_path_factory) -> Run:
     dst = tmp_path_factory.mktemp("advft") / "run"
     shutil.copytree(fm_run, dst)
     run = Run.open(dst)
-    A.generate(run, A.GenerateConfig(attacks=("fgsm",), progress=False), "fgsm")
+    S.generate(run, S.GenerateConfig(attacks=("fgsm",), progress=False), "fgsm")
     return run
 
 
@@ -51,7 +52,7 @@ def test_fgsm_baseline_is_more_robust_to_fgsm(ft_run):
 
 
 def test_mix_clean_adds_clean_originals(ft_run):
-    adv = A.load_adversarial(ft_run, "fgsm")
+    adv = S.load_adversarial(ft_run, "fgsm")
     x, y, info = training_set(ft_run, "fgsm", 0.5, seed=0)
     assert len(x) == 1500 and info["n_clean"] == 500
     np.testing.assert_array_equal(x[:1000], adv.x_adv)

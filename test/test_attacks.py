@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_script
 
+from darekit import advsets as S
 from darekit import attacks as A
 from darekit.errors import DareError
 from darekit.rundir import Run
@@ -70,7 +71,7 @@ def test_registry_is_explicit():
     assert A.parse_attacks(["fgsm,pgd", "fgsm", "cw"]) == ("fgsm", "pgd", "cw")
     assert A.parse_attacks(["all"]) == A.DEFAULT_ATTACKS
     cw = A.get_attack("cw")
-    assert (cw.binary_search_steps, cw.steps) == (5, 100)  # not Foolbox's 9 x 10,000
+    assert (cw.binary_search_steps, cw.steps) == (2, 150)  # not Foolbox's 9 x 10,000
     assert A.get_attack("pgd", steps=3).steps == 3
     with pytest.raises(DareError, match="no parameter"):
         A.get_attack("fgsm", steps=3)
@@ -149,25 +150,25 @@ def test_seeded_random_start_is_reproducible(model, correct):
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])
 def test_generate_resumes_by_chunk(adv_run, tmp_path, monkeypatch, attack):
-    cfg = A.GenerateConfig(attacks=(attack,), n=100, chunk_size=30, batch_size=30,
+    cfg = S.GenerateConfig(attacks=(attack,), n=100, chunk_size=30, batch_size=30,
                            params={"steps": 2} if attack == "pgd" else {}, progress=False)
     calls = []
     real = A.run_attack
-    monkeypatch.setattr(A, "run_attack", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert A.generate(adv_run, cfg, attack, max_chunks=2) is None  # "killed" after 2 chunks
+    monkeypatch.setattr(S, "run_attack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert S.generate(adv_run, cfg, attack, max_chunks=2) is None  # "killed" after 2 chunks
     parts = adv_run.file(f"adv/parts/train-{attack}")
     assert sorted(p.name for p in parts.glob("chunk_*.npz")) == ["chunk_00000.npz",
                                                                  "chunk_00001.npz"]
-    out = A.generate(adv_run, cfg, attack)
+    out = S.generate(adv_run, cfg, attack)
     assert len(calls) == 4 and not parts.exists()  # 4 chunks in all, none computed twice
-    resumed = A.load_adversarial(adv_run, attack)
+    resumed = S.load_adversarial(adv_run, attack)
 
     fresh_run = Run(tmp_path / "fresh")
     shutil.copytree(adv_run.path, fresh_run.path, ignore=shutil.ignore_patterns("adv"))
     calls.clear()
-    A.generate(fresh_run, cfg, attack)
+    S.generate(fresh_run, cfg, attack)
     assert len(calls) == 4
-    fresh = A.load_adversarial(fresh_run, attack)
+    fresh = S.load_adversarial(fresh_run, attack)
     np.testing.assert_array_equal(resumed.x_adv, fresh.x_adv)
     np.testing.assert_array_equal(resumed.idx, fresh.idx)
 
@@ -179,7 +180,7 @@ def test_generate_resumes_by_chunk(adv_run, tmp_path, monkeypatch, attack):
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert summary["n"] == 100
     calls.clear()
-    assert A.generate(adv_run, cfg, attack) == out  # already done: nothing recomputed
+    assert S.generate(adv_run, cfg, attack) == out  # already done: nothing recomputed
     assert not calls
 
 
@@ -188,7 +189,7 @@ def test_generate_cli_end_to_end(adv_run):
                    "--n", "50", "--eps", "0.05", "--split", "test", "--no-progress")
     assert "bim:" in p.stdout
     for attack in ("fgsm", "bim"):
-        s = A.load_adversarial(adv_run, attack, "test")
+        s = S.load_adversarial(adv_run, attack, "test")
         assert len(s.x_adv) == 50 and s.linf.max() <= 0.05 + 1e-6
         assert s.config["eps"] == 0.05 and s.config["split"] == "test"
 
@@ -211,3 +212,30 @@ def test_generate_cli_rejects_missing_run(tmp_path):
                    check=False)
     assert p.returncode == 2 and "no run at" in one_error_line(p.stderr)
     assert not (tmp_path / "none").exists()
+
+
+def test_staged_deepfool_equals_one_long_run():
+    """DeepFool's inputs run independently, so rerunning only the unfinished ones with the full
+    step budget gives what one run with that budget gives, input by input."""
+    import dataclasses
+
+    import keras
+
+    init = keras.initializers.GlorotUniform
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(6, 3, activation="relu", kernel_initializer=init(seed=0))(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="relu", kernel_initializer=init(seed=1))(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, kernel_initializer=init(seed=2))(h))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (48, 8, 8, 1)).astype(np.float32)
+    y = np.argmax(model.predict(x, verbose=0), axis=1)
+    spec = A.ATTACKS["deepfool"]
+    once = dataclasses.replace(spec, first_steps=None)
+    staged = dataclasses.replace(spec, first_steps=1)
+    a = A.run_attack(model, x, y, once, params={"steps": 30}, progress=False)
+    b = A.run_attack(model, x, y, staged, params={"steps": 30}, progress=False)
+    first = A.run_attack(model, x, y, once, params={"steps": 1}, progress=False)
+    assert 0 < first.success.sum() < a.success.sum()   # the second stage had work to do
+    np.testing.assert_array_equal(a.success, b.success)
+    np.testing.assert_allclose(a.x_adv, b.x_adv, atol=1e-6)

@@ -27,7 +27,8 @@ def _param(s: str) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------------------- generate_adv
 def generate_parser(prog: str) -> Parser:
-    from darekit.attacks import ATTACKS, DEFAULT_ATTACKS, SPLITS
+    from darekit.advsets import SPLITS
+    from darekit.attacks import ATTACKS, DEFAULT_ATTACKS
 
     lines = [f"  {s.name:9s} {s.norm:4s} {s.kind:12s} {s.doc}; params {dict(s.defaults)}"
              for s in ATTACKS.values()]
@@ -63,7 +64,8 @@ def generate_main(argv: Sequence[str] | None = None, *, prog: str = "adv/generat
     args = generate_parser(prog).parse_args(argv)
 
     def body() -> None:
-        from darekit.attacks import DEFAULT_ATTACKS, GenerateConfig, generate
+        from darekit.advsets import GenerateConfig, generate
+        from darekit.attacks import DEFAULT_ATTACKS
         from darekit.rundir import Run
 
         given = {k: v for k, v in vars(args).items() if v is not None and k != "run_dir"}
@@ -104,7 +106,8 @@ def finetune_main(argv: Sequence[str] | None = None, *, prog: str = "adv/fintune
 
     def body() -> None:
         from darekit.adv_finetune import ADV_FT_LR, AdvFinetuneConfig, adv_finetune
-        from darekit.attacks import DEFAULT_ATTACKS, adv_path, parse_attacks
+        from darekit.advsets import adv_path
+        from darekit.attacks import DEFAULT_ATTACKS, parse_attacks
         from darekit.errors import DareError
         from darekit.finetune import FinetuneConfig
         from darekit.rundir import Run
