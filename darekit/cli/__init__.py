@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from darekit.errors import DareError
 
@@ -47,3 +47,34 @@ def int_list(s: str) -> tuple[int, ...]:
     except ValueError:
         msg = f"expected comma-separated integers, received {s!r}"
         raise argparse.ArgumentTypeError(msg) from None
+
+
+# ---------------------------------------------------------------------------- the run to use
+RUN_DIR_HELP = ("run directory (default: the most recently trained run under runs/, also "
+                "reachable as runs/latest)")
+
+
+def run_dir_option(p: argparse.ArgumentParser, help: str = RUN_DIR_HELP) -> None:
+    p.add_argument("--run-dir", help=help)
+
+
+def run_dirs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", action="append", help=RUN_DIR_HELP + "; repeat to evaluate "
+                   "several runs (e.g. seeds) and write one combined report")
+
+
+def resolve_run(path: str | None, *, need_history: bool = True):
+    """``Run.open(path)``, or the latest run when ``path`` is None (saying which, on stdout)."""
+    from darekit.paths import latest_run
+    from darekit.rundir import Run
+
+    if path is None:
+        latest = latest_run()
+        print(f"using run {latest} (the most recently trained under "
+              f"{latest.parent}; pass --run-dir to choose another)")
+        path = latest
+    return Run.open(path, need_history=need_history)
+
+
+def resolve_runs(paths: Sequence[str] | None) -> list:
+    return [resolve_run(p) for p in paths] if paths else [resolve_run(None)]

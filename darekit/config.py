@@ -1,0 +1,138 @@
+"""One source for every option: a config dataclass field carries its default and its help.
+
+``option(default, help)`` declares a field; ``add_options(parser, Config)`` generates the
+command-line options from the fields (``--batch-size`` from ``batch_size``, the type from the
+annotation, the default shown from the field, never restated by hand); ``from_args(Config,
+args)`` builds the config from the options the user typed. Parser defaults are ``None``: the
+config owns its defaults, and a field whose default depends on something else (the
+architecture, the dataset) says so through ``default_text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+Help = str | Callable[[], str]
+
+
+def option(default: Any = dataclasses.MISSING, help: Help = "", *,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+           default_text: Help | None = None, choices: Sequence[Any] | Callable[[], Sequence[Any]]
+           | None = None, cli: bool = True, metavar: str | None = None,
+           parse: Callable[[str], Any] | None = None, flag: str | None = None) -> Any:
+    """A config field with its help. ``default_text`` replaces the shown default (e.g. "by
+    architecture: ..."); ``choices`` may be a callable (a registry read when the parser is
+    built); ``cli=False`` keeps the field off the command line; ``parse`` converts the
+    command-line string when the annotation is not enough; ``flag`` replaces the option name
+    derived from the field's (``--attack`` for ``attacks``)."""
+    meta = {"help": help, "default_text": default_text, "choices": choices, "cli": cli,
+            "metavar": metavar, "parse": parse, "flag": flag}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _text(h: Help | None) -> str:
+    return h() if callable(h) else (h or "")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> ``(int, True)``; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _tuple_parser(item: type) -> Callable[[str], tuple]:
+    def parse(s: str) -> tuple:
+        try:
+            return tuple(item(t.strip()) for t in s.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item.__name__} values, received {s!r}") from None
+    parse.__name__ = f"{item.__name__} list"
+    return parse
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ``DareError`` turned into argparse's one-line usage error."""
+    from darekit.errors import DareError
+
+    def convert(s: str) -> Any:
+        try:
+            return parse(s)
+        except DareError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _default_shown(f: dataclasses.Field) -> str:
+    text = f.metadata.get("default_text")
+    if text is not None:
+        return _text(text)
+    if f.default is dataclasses.MISSING:
+        return ""
+    d = f.default
+    if isinstance(d, bool):
+        return "on" if d else "off"
+    if isinstance(d, tuple):
+        return ",".join(map(str, d)) if d else "none"
+    if d is None:
+        return "none"
+    return f"{d:g}" if isinstance(d, float) else str(d)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = (),
+                only: Sequence[str] | None = None) -> list[str]:
+    """Add one option per command-line field of the dataclass ``cls``; return their names."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", False) or f.name in exclude or (only is not None
+                                                              and f.name not in only):
+            continue
+        tp, _ = _base(hints[f.name])
+        kw: dict[str, Any] = {"default": None, "dest": f.name}
+        help_text = _text(meta.get("help"))
+        shown = _default_shown(f)
+        kw["help"] = f"{help_text} (default: {shown})" if shown else help_text
+        choices = meta.get("choices")
+        if meta.get("parse") is not None:
+            kw["type"] = _argparse_type(meta["parse"])
+        elif tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kw["type"] = _tuple_parser(typing.get_args(tp)[0])
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        if choices is not None:
+            kw["choices"] = list(choices() if callable(choices) else choices)
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        parser.add_argument(meta.get("flag") or flag(f.name), **kw)
+        names.append(f.name)
+    return names
+
+
+def given(args: argparse.Namespace | Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """The options of ``cls`` that the user typed (not ``None``)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def from_args(cls: type, args: argparse.Namespace | Mapping[str, Any], **fixed: Any) -> Any:
+    """``cls(**typed options, **fixed)``: the config's own defaults for everything not typed."""
+    return cls(**{**given(args, cls), **fixed})
