@@ -1,0 +1,447 @@
+"""Reports of an evaluation: the paper's comparison table with intervals and significance,
+robust accuracy, the cross-check, plots; one run, or several (seeds) combined.
+
+The paper counts, per method, the (model, attack) scenarios where it has the highest ER
+("best in N of M"). Here a method is also *significantly* best when the paired bootstrap
+interval of its ER minus the runner-up's, on the same test images, excludes 0. A method whose
+fine-tuning diverged is shown as "diverged".
+
+ER computed from a success rate under 90% averages over the easiest images only: it is marked
+(†) and, as in the paper, still ranked, but a win is significant only when both the winner's
+and the runner-up's ER are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darekit import io, layout, plots, stats
+from darekit.errors import DareError
+
+Key = tuple[str, str]  # (model, attack)
+SCENARIO = ("dataset", "arch", "attack")
+CROSSCHECK_COLUMNS = (("own_pgd", "PGD (ours)"), ("apgd_ce", "APGD-CE"),
+                      ("apgd_t", "APGD-DLR-T"), ("square", "Square"), ("transfer", "transfer"))
+
+
+# ---------------------------------------------------------------------------- ranking
+def per_image_er(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``(N,)`` relative minimal perturbations of an evaluation part; NaN where not fooled."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(arrays["fooled"], arrays["perturbation"] / arrays["x_norm"], np.nan)
+
+
+def _ok(row: Mapping[str, Any]) -> bool:
+    return row.get("status", "ok") == "ok"
+
+
+def _rankable(row: Mapping[str, Any]) -> bool:
+    return _ok(row) and math.isfinite(float(row["er"]))
+
+
+def _comparable(row: Mapping[str, Any]) -> bool:
+    return bool(row.get("comparable", True))
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One scenario: the best method(s), whether the win is significant, and the paired
+    interval of ``ER(best) - ER(runner-up)``."""
+
+    best: frozenset[str]
+    significant: bool
+    runner_up: str | None
+    difference: stats.Interval
+
+
+def rank(rows: Sequence[Mapping[str, Any]], per_image: Mapping[str, np.ndarray] | None,
+         seed: int = 0) -> Ranking:
+    """Rank one scenario's ``rows`` (one per method, key ``model``) by ER; ties all count as
+    best and no tie is significant. ``per_image``: ``{method: (N,)}`` for the paired
+    bootstrap (None: no significance test)."""
+    eligible = sorted((r for r in rows if _rankable(r)), key=lambda r: -float(r["er"]))
+    if not eligible:
+        return Ranking(frozenset(), False, None, stats.NAN)
+    top = float(eligible[0]["er"])
+    best = frozenset(r["model"] for r in eligible if float(r["er"]) == top)
+    rest = [r for r in eligible if r["model"] not in best]
+    if len(best) > 1 or not rest or per_image is None:
+        return Ranking(best, False, rest[0]["model"] if rest else None, stats.NAN)
+    winner, runner = next(iter(best)), rest[0]["model"]
+    diff = stats.paired_difference(per_image[winner], per_image[runner], seed)
+    both = _comparable(eligible[0]) and _comparable(rest[0])
+    return Ranking(best, both and diff.low > 0, runner, diff)
+
+
+def _scenarios(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in SCENARIO), []).append(r)
+    return groups
+
+
+def rank_all(rows: Sequence[Mapping[str, Any]], per_image: Mapping[Key, np.ndarray] | None,
+             seed: int = 0) -> dict[tuple, Ranking]:
+    """``rank`` for every (dataset, arch, attack) scenario of one run's rows."""
+    out = {}
+    for key, group in _scenarios(rows).items():
+        pi = None if per_image is None else {r["model"]: per_image[r["model"], r["attack"]]
+                                             for r in group if (r["model"], r["attack"])
+                                             in per_image}
+        out[key] = rank(group, pi, seed)
+    return out
+
+
+def counts(rankings: Mapping[tuple, Ranking], methods: Iterable[str]
+           ) -> dict[str, tuple[int, int]]:
+    """Per method: (best in N, significantly best in K) over the scenarios."""
+    out = {m: [0, 0] for m in methods}
+    for rk in rankings.values():
+        for m in rk.best:
+            out.setdefault(m, [0, 0])[0] += 1
+            if rk.significant:
+                out[m][1] += 1
+    return {m: (a, b) for m, (a, b) in out.items()}
+
+
+# ---------------------------------------------------------------------------- formatting
+def _f(v: Any, digits: int = 4) -> str:
+    v = float(v)
+    return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _ci(row: Mapping[str, Any], name: str, digits: int = 4) -> str:
+    v, lo, hi = (row.get(k, math.nan) for k in (name, f"{name}_low", f"{name}_high"))
+    if not math.isfinite(float(v)):
+        return "n/a"
+    if lo is None or not math.isfinite(float(lo)):
+        return _f(v, digits)
+    return f"{_f(v, digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
+
+
+def _pct(v: Any) -> str:
+    v = float(v)
+    return "n/a" if not math.isfinite(v) else f"{100 * v:.0f}%"
+
+
+def _methods(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+LEGEND = ("Each cell: ER [95% bootstrap interval] and the attack's success rate on the "
+          "correctly classified images. **Bold**: highest ER of the scenario; ★: "
+          "significantly best (the paired bootstrap interval of its ER minus the runner-up's "
+          "excludes 0, both comparable); †: success rate under 90%: the ER averages over the "
+          "easiest images only and is not comparable (ranked as the paper does, never a "
+          "significant win).")
+
+
+def er_table(rows: Sequence[Mapping[str, Any]], rankings: Mapping[tuple, Ranking]) -> list[str]:
+    methods = _methods(rows)
+    out = ["| model | attack | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+    for key, group in _scenarios(rows).items():
+        by = {r["model"]: r for r in group}
+        rk = rankings[key]
+        cells = []
+        for m in methods:
+            r = by.get(m)
+            if r is None:
+                cells.append("")
+                continue
+            if not _ok(r):
+                cells.append(str(r["status"]))
+                continue
+            text = f"{_ci(r, 'er')} {_pct(r['success_rate'])}"
+            if not r.get("comparable", True):
+                text += " †"
+            if m in rk.best:
+                text = f"**{text}**" + (" ★" if rk.significant else "")
+            cells.append(text)
+        out.append(f"| {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def method_table(rows: Sequence[Mapping[str, Any]], rankings: Mapping[tuple, Ranking]
+                 ) -> list[str]:
+    methods = _methods(rows)
+    c = counts(rankings, methods)
+    m_total = len(rankings)
+    out = ["| method | best in | significantly best in | clean accuracy [95% CI] |",
+           "|---|---|---|---|"]
+    for m in methods:
+        r = next(r for r in rows if r["model"] == m)
+        acc = _ci(r, "clean_accuracy", 3) if _ok(r) else str(r["status"])
+        out.append(f"| {m} | {c[m][0]} of {m_total} | {c[m][1]} of {m_total} | {acc} |")
+    return out
+
+
+def robust_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    budgets = {r["attack"]: r["budget"] for r in rows if _ok(r)}
+    out = ["| method | " + " | ".join(f"{a} ({_f(budgets.get(a, math.nan), 4)})"
+                                      for a in attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for m in _methods(rows):
+        by = {r["attack"]: r for r in rows if r["model"] == m}
+        out.append(f"| {m} | " + " | ".join(
+            _ci(by[a], "robust_accuracy", 3) if a in by and _ok(by[a]) else
+            (str(by[a]["status"]) if a in by else "") for a in attacks) + " |")
+    return out
+
+
+def crosscheck_table(checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not checks:
+        return []
+    present = [(k, label) for k, label in CROSSCHECK_COLUMNS
+               if any(k in c.get("robust_accuracy", {}) for c in checks)]
+    out = ["| method | clean | " + " | ".join(label for _, label in present) +
+           " | worst case | possible gradient masking |",
+           "|---|---|" + "---|" * (len(present) + 2)]
+    for c in checks:
+        ra = c.get("robust_accuracy", {})
+        cells = [_f(ra[k], 3) if k in ra else "" for k, _ in present]
+        flag = f"**yes**: {c.get('masking_reason', '')}" \
+            if c.get("possible_gradient_masking") else "no"
+        out.append(f"| {c['model']} | {_f(c['clean_accuracy'], 3)} | " + " | ".join(cells) +
+                   f" | {_f(c['worst_case_accuracy'], 3)} | {flag} |")
+    return out
+
+
+def precision_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    fixed = [r for r in rows if _ok(r) and math.isfinite(float(r.get("bracket", math.nan)))
+             and int(r.get("rounds", 1)) > 1]
+    if not fixed:
+        return []
+    worst = max(fixed, key=lambda r: float(r["bracket"]))
+    b = float(worst["bracket"])
+    return [f"Minimal-epsilon search: the largest relative bracket left is {b:.4f} "
+            f"({worst['model']} / {worst['attack']}), so every fixed-epsilon ER overstates its "
+            f"bracketed minimum by at most {100 * b / (1 - b):.2f}%.", ""]
+
+
+def definitions_markdown(definitions: Mapping[str, str]) -> str:
+    return "Definitions:\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in
+                                          definitions.items()) + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+def _curves(parts: Mapping[Key, Mapping[str, np.ndarray]], rows: Sequence[Mapping[str, Any]]
+            ) -> list[plots.Panel]:
+    """Robust accuracy against epsilon, from each input's minimal perturbation: an input is
+    robust at eps when it is classified correctly and not fooled within eps."""
+    panels = []
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        row = next((r for r in rows if r["attack"] == attack and _ok(r)), None)
+        if row is None:
+            continue
+        budget = float(row["budget"])
+        eps = np.linspace(0, 2.5 * budget, 41)
+        curves = {}
+        for m in _methods(rows):
+            a = parts.get((m, attack))
+            if a is None:
+                continue
+            pert = np.where(a["fooled"], a["perturbation"], np.inf)
+            k = np.array([int(np.sum(a["clean_correct"] & (pert > e))) for e in eps])
+            n = len(pert)
+            ci = [stats.wilson(int(v), n) for v in k]
+            curves[m] = plots.Curve(eps, k / n, np.array([c.low for c in ci]),
+                                    np.array([c.high for c in ci]))
+        panels.append(plots.Panel(attack, row["norm"], budget, curves))
+    return panels
+
+
+def _er_matrix(rows: Sequence[Mapping[str, Any]], value: str = "er", low: str = "er_low",
+               high: str = "er_high"
+               ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    methods, attacks = _methods(rows), list(dict.fromkeys(r["attack"] for r in rows))
+    mats = [np.full((len(methods), len(attacks)), np.nan) for _ in range(3)]
+    for r in rows:
+        if not _ok(r):
+            continue
+        i, j = methods.index(r["model"]), attacks.index(r["attack"])
+        for mat, k in zip(mats, (value, low, high), strict=True):
+            mat[i, j] = float(r.get(k, math.nan))
+    return methods, attacks, mats[0], mats[1], mats[2]
+
+
+# ---------------------------------------------------------------------------- one run
+def write_run_report(out_dir: Path, results: Mapping[str, Any],
+                     parts: Mapping[Key, Mapping[str, np.ndarray]], seed: int = 0) -> Path:
+    """``results.csv``, ``results.json`` (rows with their ranking, the cross-check, the attack
+    configurations, the definitions), ``report.md`` and the two plots, into ``out_dir``."""
+    rows = [dict(r) for r in results["results"]]
+    per_image = {k: per_image_er(a) for k, a in parts.items()}
+    rankings = rank_all(rows, per_image, seed)
+    for r in rows:
+        rk = rankings[tuple(r[k] for k in SCENARIO)]
+        r["best"] = r["model"] in rk.best
+        r["significantly_best"] = r["best"] and rk.significant
+    io.write_csv(out_dir / "results.csv", rows)
+    io.write_json(out_dir / "results.json", {**results, "results": rows})
+    first = rows[0] if rows else {"arch": "?", "dataset": "?"}
+    title = f"{first['arch']} on {first['dataset']}"
+    lines = [f"# Robustness of {title}", "", f"Run: `{results.get('run', '')}`", "",
+             "## Empirical Robustness (higher is more robust)", "", LEGEND, "",
+             *er_table(rows, rankings), "", *method_table(rows, rankings), "",
+             *precision_lines(rows), "## Robust accuracy at the budget [95% Wilson interval]",
+             "", *robust_table(rows), ""]
+    checks = results.get("crosscheck") or []
+    if checks:
+        n = checks[0].get("n", "?")
+        lines += [f"## Cross-check of robust accuracy at the L-inf budget ({n} images)", "",
+                  "Worst case: robust under every attack of the row, the package's PGD "
+                  "included. Possible gradient masking: a gradient-free or transfer attack "
+                  "left fewer images robust than the white-box attacks.", "",
+                  *crosscheck_table(checks), ""]
+    lines.append(definitions_markdown(results.get("definitions", {})))
+    io.write_text(out_dir / "report.md", "\n".join(lines))
+    plots.save(plots.robust_accuracy_curves(_curves(parts, rows),
+                                            f"{title}: robust accuracy vs epsilon"),
+               out_dir / "robust_accuracy.png")
+    methods, attacks, v, lo, hi = _er_matrix(rows)
+    plots.save(plots.er_bars(attacks, methods, v, lo, hi, title), out_dir / "er.png")
+    return out_dir / "report.md"
+
+
+# ---------------------------------------------------------------------------- several runs
+@dataclass(frozen=True)
+class Evaluated:
+    """An evaluated run, read back: ``results.json`` and the per-image arrays of its parts."""
+
+    path: Path
+    results: dict[str, Any]
+    parts: dict[Key, dict[str, np.ndarray]]
+
+    @classmethod
+    def load(cls, run_path: str | Path) -> Evaluated:
+        run_path = Path(run_path)
+        path = run_path / layout.RESULTS_JSON
+        if not path.is_file():
+            raise DareError(f"run {run_path} has not been evaluated (no {path})")
+        results = io.read_json(path)
+        parts = {}
+        for r in results["results"]:
+            f = run_path / f"{layout.eval_part(r['model'], r['attack'])}.npz"
+            if f.is_file():
+                parts[r["model"], r["attack"]] = io.read_npz(f)
+        return cls(run_path, results, parts)
+
+
+def combined_report(evals: Sequence[Evaluated], out_dir: Path | None = None) -> str:
+    """One Markdown report over several evaluated runs. Runs of the same dataset and
+    architecture with different seeds are combined: per cell the mean ± std of ER across
+    seeds, and "best in N of M" per seed and on the seed means. With ``out_dir``, the
+    report, ``results.csv`` (per seed and mean rows) and ``er.png`` are written there."""
+    lines = ["# Robustness comparison", "", "Runs:", "",
+             *(f"- `{e.path}`" for e in evals), ""]
+    table_rows: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[Evaluated]] = {}
+    for e in evals:
+        r0 = e.results["results"][0]
+        groups.setdefault((r0["dataset"], r0["arch"]), []).append(e)
+    for (dataset, arch), group in groups.items():
+        seeds = sorted({int(r["seed"]) for e in group for r in e.results["results"]})
+        grows = [r for e in group for r in e.results["results"]]
+        lines += [f"## {arch} on {dataset}: seeds {', '.join(map(str, seeds))}", ""]
+        lines += _seed_section(group, grows, table_rows)
+    if out_dir is not None:
+        io.write_csv(out_dir / "results.csv", table_rows)
+        means = [r for r in table_rows if r["seed"] == "mean"]
+        methods, attacks, v, lo, hi = _er_matrix(means, "er", "er_low", "er_high")
+        plots.save(plots.er_bars(attacks, methods, v, lo, hi,
+                                 "ER, mean ± std across seeds"), out_dir / "er.png")
+    defs = next((e.results.get("definitions") for e in evals), {}) or {}
+    lines.append(definitions_markdown(defs))
+    return "\n".join(lines)
+
+
+def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
+                  table_rows: list[dict[str, Any]]) -> list[str]:
+    methods = _methods(rows)
+    per_seed: dict[int, dict[tuple, Ranking]] = {}
+    for e in group:
+        seed = int(e.results["results"][0]["seed"])
+        per_image = {k: per_image_er(a) for k, a in e.parts.items()}
+        per_seed[seed] = rank_all(e.results["results"], per_image, seed)
+    seeds = sorted(per_seed)
+    # Mean and std across seeds, per (scenario, method).
+    cells: dict[tuple, dict[str, list[Mapping[str, Any]]]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[k] for k in SCENARIO), {}).setdefault(r["model"], []).append(r)
+    mean_rows = []
+    for key, by in cells.items():
+        for m, rs in by.items():
+            ok = [r for r in rs if _ok(r)]
+            er_m, er_s = stats.mean_std(float(r["er"]) for r in ok)
+            sr_m, _ = stats.mean_std(float(r["success_rate"]) for r in ok)
+            ra_m, ra_s = stats.mean_std(float(r["robust_accuracy"]) for r in ok)
+            ca_m, ca_s = stats.mean_std(float(r["clean_accuracy"]) for r in ok)
+            status = "ok" if ok else rs[0].get("status", "missing")
+            mean_rows.append({
+                "dataset": key[0], "arch": key[1], "attack": key[2], "model": m,
+                "seed": "mean", "seeds": len(ok), "status": status,
+                "er": er_m, "er_std": er_s, "er_low": er_m - er_s, "er_high": er_m + er_s,
+                "success_rate": sr_m, "robust_accuracy": ra_m, "robust_accuracy_std": ra_s,
+                "clean_accuracy": ca_m, "clean_accuracy_std": ca_s,
+                "comparable": all(r.get("comparable", True) for r in ok),
+                "diverged_seeds": sum(r.get("status") == "diverged" for r in rs)})
+    table_rows += [{**r, "seed": r["seed"]} for r in rows] + mean_rows
+    mean_rank = rank_all(mean_rows, None)
+    out = ["ER: mean ± std across seeds (success rate: mean). **Bold**: highest mean ER; "
+           "†: a seed's success rate under 90% (ER not comparable).", "",
+           "| model | attack | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+    for key in cells:
+        rk = mean_rank[key]
+        line = []
+        for m in methods:
+            r = next((x for x in mean_rows if (x["model"], *[x[k] for k in SCENARIO]) ==
+                      (m, *key)), None)
+            if r is None:
+                line.append("")
+                continue
+            if r["status"] != "ok":
+                line.append(str(r["status"]))
+                continue
+            text = f"{_f(r['er'])} ± {_f(r['er_std'])} {_pct(r['success_rate'])}"
+            if r["diverged_seeds"]:
+                text += f" ({r['diverged_seeds']} diverged)"
+            if not r["comparable"]:
+                text += " †"
+            line.append(f"**{text}**" if m in rk.best else text)
+        out.append(f"| {key[1]} | {key[2]} | " + " | ".join(line) + " |")
+    m_total = len(cells)
+    c_seed = {s: counts(per_seed[s], methods) for s in seeds}
+    c_mean = counts(mean_rank, methods)
+    out += ["", "| method | best in, per seed | best in, on the seed means | significantly "
+            "best in, per seed | clean accuracy, mean ± std |", "|---|---|---|---|---|"]
+    for m in methods:
+        acc = [r for r in mean_rows if r["model"] == m and r["status"] == "ok"]
+        acc_txt = f"{_f(acc[0]['clean_accuracy'], 3)} ± {_f(acc[0]['clean_accuracy_std'], 3)}" \
+            if acc else "n/a"
+        out.append(f"| {m} | " + ", ".join(str(c_seed[s][m][0]) for s in seeds) +
+                   f" of {m_total} | {c_mean[m][0]} of {m_total} | " +
+                   ", ".join(str(c_seed[s][m][1]) for s in seeds) + f" of {m_total} | "
+                   f"{acc_txt} |")
+    out += ["", "Robust accuracy at the budget, mean ± std across seeds:", "",
+            "| method | " + " | ".join(dict.fromkeys(r["attack"] for r in mean_rows)) + " |",
+            "|---|" + "---|" * len(dict.fromkeys(r["attack"] for r in mean_rows))]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(
+            f"{_f(r['robust_accuracy'], 3)} ± {_f(r['robust_accuracy_std'], 3)}"
+            if r["status"] == "ok" else str(r["status"])
+            for r in mean_rows if r["model"] == m) + " |")
+    checks = [c for e in group for c in (e.results.get("crosscheck") or [])]
+    if checks:
+        out += ["", "Cross-check (robust accuracy at the L-inf budget), per seed:", "",
+                *crosscheck_table([{**c, "model": f"{c['model']} (s{c['seed']})"}
+                                   for c in checks])]
+    out.append("")
+    return out

@@ -1,0 +1,114 @@
+"""The comparison table on hand-made rows: best-in-N, significance, marks, seeds combined."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from darekit import io, layout, report
+from darekit.report import Evaluated, counts, rank, rank_all
+
+
+def row(model, er, *, attack="fgsm", arch="vgg16", comparable=True, seed=0, status="ok",
+        **kw):
+    return {"dataset": "d", "arch": arch, "attack": attack, "model": model, "er": er,
+            "er_low": er - 0.01, "er_high": er + 0.01, "success_rate": 1.0 if comparable
+            else 0.5, "comparable": comparable, "clean_accuracy": 0.9,
+            "clean_accuracy_low": 0.85, "clean_accuracy_high": 0.95, "robust_accuracy": 0.3,
+            "robust_accuracy_low": 0.2, "robust_accuracy_high": 0.4, "budget": 0.1,
+            "norm": "linf", "seed": seed, "status": status, **kw}
+
+
+TABLE = [  # 2 architectures x 2 attacks, 3 methods
+    row("original", 0.10), row("dare", 0.30), row("adv-fgsm", 0.20),
+    row("original", 0.05, attack="cw"), row("dare", 0.04, attack="cw"),
+    row("adv-fgsm", 0.06, attack="cw"),
+    row("original", 0.20, arch="alexnet"), row("dare", 0.25, arch="alexnet"),
+    row("adv-fgsm", 0.25, arch="alexnet"),
+    row("original", 0.01, arch="alexnet", attack="cw"),
+    row("dare", 0.09, arch="alexnet", attack="cw"),
+    row("adv-fgsm", math.nan, arch="alexnet", attack="cw"),
+]
+
+
+def test_best_in_n_on_a_hand_made_table():
+    rk = rank_all(TABLE, None)
+    assert rk["d", "vgg16", "fgsm"].best == {"dare"}
+    assert rk["d", "vgg16", "cw"].best == {"adv-fgsm"}
+    assert rk["d", "alexnet", "fgsm"].best == {"dare", "adv-fgsm"}   # a tie: both are best
+    assert rk["d", "alexnet", "cw"].best == {"dare"}                 # NaN never wins
+    assert counts(rk, ["original", "dare", "adv-fgsm"]) == {
+        "original": (0, 0), "dare": (3, 0), "adv-fgsm": (2, 0)}
+
+
+def _per_image(base: float, n: int = 80, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    return base + np.random.default_rng(seed).normal(0, noise, n) if noise else np.full(n, base)
+
+
+def test_a_consistent_win_is_significant_and_a_noisy_one_is_not():
+    rng = np.random.default_rng(0)
+    runner = rng.uniform(0.1, 0.2, 80)
+    clear = {"a": runner + 0.02, "b": runner}
+    rows = [row("a", float(np.mean(clear["a"]))), row("b", float(np.mean(runner)))]
+    r = rank(rows, clear)
+    assert r.best == {"a"} and r.significant and r.runner_up == "b"
+    assert r.difference.low == pytest.approx(0.02)
+    noisy = {"a": runner + rng.normal(0.001, 0.05, 80), "b": runner}
+    rows = [row("a", float(np.mean(noisy["a"]))), row("b", float(np.mean(runner)))]
+    r = rank(rows, noisy)
+    assert r.best == {"a"} and not r.significant
+
+
+def test_marks_not_comparable_diverged_and_never_significant_without_comparability():
+    runner = np.linspace(0.1, 0.2, 40)
+    per = {"a": runner + 0.05, "b": runner, "c": runner}
+    rows = [row("a", 0.2, comparable=False), row("b", 0.15), row("c", math.nan,
+                                                                  status="diverged")]
+    r = rank(rows, per)
+    assert r.best == {"a"} and not r.significant      # the winner's ER is not comparable
+    lines = report.er_table(rows, {("d", "vgg16", "fgsm"): r})
+    assert "†" in lines[2] and "**" in lines[2] and "★" not in lines[2]
+    assert "| diverged |" in lines[2]
+
+
+def test_er_table_marks_the_significant_winner():
+    runner = np.linspace(0.1, 0.2, 40)
+    per = {("a", "fgsm"): runner + 0.05, ("b", "fgsm"): runner}
+    rows = [row("a", float(np.mean(runner + 0.05))), row("b", float(np.mean(runner)))]
+    rk = rank_all(rows, per)
+    line = report.er_table(rows, rk)[2]
+    assert line.startswith("| vgg16 | fgsm | **0.2000 [0.1900, 0.2100] 100%** ★ | 0.1500")
+    method = "\n".join(report.method_table(rows, rk))
+    assert "| a | 1 of 1 | 1 of 1 | 0.900 [0.850, 0.950] |" in method
+
+
+def _evaluated(tmp_path, seed: int, shift: float) -> Evaluated:
+    """A run whose results.json holds two methods on one scenario; per-image arrays saved."""
+    run = tmp_path / f"s{seed}"
+    base = np.linspace(0.1, 0.2, 30)
+    rows = []
+    for model, er in (("dare", base + shift), ("adv-fgsm", base)):
+        x_norm = np.ones(30)
+        io.write_npz(run / f"{layout.eval_part(model, 'fgsm')}.npz", fooled=np.ones(30, bool),
+                     perturbation=er, x_norm=x_norm, clean_correct=np.ones(30, bool))
+        rows.append(row(model, float(er.mean()), seed=seed))
+    io.write_json(run / layout.RESULTS_JSON, {"results": rows, "definitions": {"er": "ER"}})
+    return Evaluated.load(run)
+
+
+def test_seeds_are_combined_as_mean_and_std(tmp_path):
+    evals = [_evaluated(tmp_path, 0, 0.02), _evaluated(tmp_path, 1, 0.04),
+             _evaluated(tmp_path, 2, -0.01)]
+    md = report.combined_report(evals, tmp_path / "out")
+    ers = [0.15 + s for s in (0.02, 0.04, -0.01)]
+    mean, std = np.mean(ers), np.std(ers, ddof=1)
+    assert f"**{mean:.4f} ± {std:.4f} 100%**" in md
+    # dare wins seeds 0 and 1 (significantly: a constant shift), adv-fgsm seed 2
+    assert "| dare | 1, 1, 0 of 1 | 1 of 1 | 1, 1, 0 of 1 |" in md
+    assert "| adv-fgsm | 0, 0, 1 of 1 | 0 of 1 | 0, 0, 1 of 1 |" in md
+    csv = io.read_csv(tmp_path / "out" / "results.csv")
+    mean_rows = [r for r in csv if r["seed"] == "mean"]
+    assert {r["model"] for r in mean_rows} == {"dare", "adv-fgsm"}
+    assert (tmp_path / "out" / "er.png").is_file()
