@@ -27,17 +27,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from darekit import io
+from darekit import io, layout
 from darekit.errors import DareError
 from darekit.finetune import EpochLog, EvalSets, FinetuneConfig, finetune_ce
 from darekit.mining import MineResult, load_mined
-from darekit.models import Architecture, get_architecture
 from darekit.rundir import Run
 from darekit.seeding import set_seed
-from darekit.slicing import MASKS
 from darekit.traces import trace_model
-
-DARE_DIR = "dare"
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,9 @@ class DareConfig:
             raise DareError(f"--epochs and --batch-size must be positive; received "
                             f"{self.epochs}, {self.batch_size}")
 
-    def resolved(self, arch: Architecture) -> DareConfig:
-        return self if self.lr is not None else replace(self, lr=arch.dare_lr)
+    def resolved(self, default_lr: float) -> DareConfig:
+        """The config with ``lr`` filled in (e.g. ``Run.dare_lr``) when it is None."""
+        return self if self.lr is not None else replace(self, lr=default_lr)
 
 
 # --------------------------------------------------------------------------- loss and masks
@@ -117,15 +114,15 @@ def sample_masks(masks: Mapping[str, np.ndarray] | None, y: np.ndarray,
 
 def load_masks(run: Run, units: Mapping[str, int], num_classes: int) -> dict[str, np.ndarray]:
     """``slice/masks.npz``, checked against the model's sliced layers."""
-    path = run.file(MASKS)
+    path = run.file(layout.MASKS)
     if not path.is_file():
-        raise DareError(f"run {run.path} has no {MASKS}; run dare/nnslicer.py --run-dir "
+        raise DareError(f"run {run.path} has no {layout.MASKS}; run dare/nnslicer.py --run-dir "
                         f"{run.path} first (or dare/dare-s.py, which needs no slice)")
     masks = io.read_npz(path)
     for name, u in units.items():
         if name not in masks or masks[name].shape != (num_classes, u):
             got = masks[name].shape if name in masks else "missing"
-            raise DareError(f"{MASKS} does not fit layer {name!r} ({num_classes} classes x "
+            raise DareError(f"{layout.MASKS} does not fit layer {name!r} ({num_classes} classes x "
                             f"{u} units; found {got}); rerun dare/nnslicer.py")
     return {n: masks[n].astype(bool) for n in units}
 
@@ -208,74 +205,116 @@ def tune_classifier(model: keras.Model, mined: MineResult, cfg: DareConfig,
 
 
 # --------------------------------------------------------------------------- the pipeline
+OK, DIVERGED = "ok", "diverged"
+
+
 @dataclass(frozen=True)
 class DareResult:
-    model: keras.Model  # the tuned classifier (as saved)
+    """A tuned classifier. ``status``: ``ok``, or ``diverged`` (the weights became NaN/inf:
+    ``model`` then holds them and must not be used). ``rows``: the per-epoch log."""
+
+    model: keras.Model
     summary: dict[str, Any]
-    rows: list[dict[str, Any]]  # the per-epoch log
+    rows: list[dict[str, Any]]
     regression_model: keras.Model | None  # R (None for DARE-SL)
+    status: str = OK
 
 
-def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> DareResult:
-    """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
+def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
+         masks: Mapping[str, np.ndarray] | None = None, layers: Sequence[str] = (),
+         eval_sets: EvalSets | None = None, log_path: Any = None) -> DareResult:
+    """Stage 3 on any model: fine-tune ``model`` in place with ``cfg.variant`` on Stage 2's
+    data ``mined``; ``cfg.lr`` must be set.
 
-    Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary).
+    DARE needs ``masks`` (``{layer: (classes, units) bool}``, Stage 1) and ``layers`` (the
+    sliced layers, the regression model's outputs); DARE-S needs ``layers``; DARE-SL neither.
+    ``eval_sets`` (``{name: (x, y)}``) are logged per epoch, to ``log_path`` (CSV) if given.
+    A run whose weights become NaN or inf is returned with ``status="diverged"``.
     """
     t0 = time.perf_counter()
     variant = VARIANTS[cfg.variant]
-    arch = get_architecture(run.model_name)
-    cfg = cfg.resolved(arch)
-    layers = arch.trace_layers
-    mined = load_mined(run)
-    model = run.load_model()
-    units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
-    masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice else None
+    if cfg.lr is None:
+        raise DareError("tune() needs cfg.lr (DareConfig.resolved(...) takes a default)")
     if len(mined.y) == 0:
-        raise DareError(f"{run.path}/ats holds no collected inputs; nothing to fine-tune on")
-    missing = set(layers) - set(mined.targets)
-    if variant.use_transform and missing:
-        raise DareError(f"ats/ has no targets for {sorted(missing)}; rerun dare/get_ats.py")
-    data = run.data()
-    eval_sets = run.eval_sets(data)
-    log_path = run.file(f"{DARE_DIR}/{variant.name}_log.csv")
-    set_seed(cfg.seed)
-    log(f"{variant.name}: {variant.summary}; {len(mined.y)} samples, lr {cfg.lr:g}, "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size}")
+        raise DareError("the mined data holds no collected inputs; nothing to fine-tune on")
+    layers = tuple(layers)
     if variant.use_transform:
-        tuned = tune_regression(model, mined, masks, layers, cfg, eval_sets, log_path)
+        if not layers:
+            raise DareError(f"{variant.name} needs the sliced layers (layers=...)")
+        missing = set(layers) - set(mined.targets)
+        if missing:
+            raise DareError(f"the mined data has no targets for {sorted(missing)}; mine with "
+                            "the same layers")
+    if variant.use_slice and masks is None:
+        raise DareError(f"{variant.name} needs the slice (masks=...); DARE-S needs none")
+    eval_sets = dict(eval_sets or {})
+    set_seed(cfg.seed)
+    if variant.use_transform:
+        tuned = tune_regression(model, mined, masks if variant.use_slice else None, layers,
+                                cfg, eval_sets, log_path)
     else:
         tuned = tune_classifier(model, mined, cfg, eval_sets, log_path)
-    if not all(np.isfinite(w).all() for w in model.get_weights()):
-        raise DareError(f"{variant.name} diverged at --lr {cfg.lr:g} (the weights became "
-                        f"NaN/inf; log {log_path}); nothing was saved. Try a smaller --lr.")
-    synced = synchronize(tuned.regression_model, model) if variant.use_transform else []
-    path = run.save_model(model, variant.name)
-    saved = run.load_named(variant.name)
-    reference = model if tuned.regression_model is None else tuned.regression_model
-    check = synced or [la.name for la in model.layers if la.weights]
-    if not weights_equal(saved, reference, check):
-        raise DareError(f"the saved classifier {path} does not carry the tuned weights")
+    finite = all(np.isfinite(w).all() for w in model.get_weights())
     last = tuned.rows[-1]
-    moved = last["max_rel_change"] > cfg.min_rel_change
-    if not moved:
-        print(f"warning: {variant.name}: the weights did not move (largest relative change "
-              f"{last['max_rel_change']:.3g} <= {cfg.min_rel_change:g}); this run is not a "
-              "result. Try a larger --lr.", file=sys.stderr)
     summary = {
-        "variant": asdict(variant), "samples": int(len(mined.y)),
-        "anchors": int(mined.anchor.sum()), "model_file": str(path),
-        "synchronized_layers": synced, "saved_matches_tuned": True,
-        "moved": bool(moved), "max_rel_change": last["max_rel_change"],
+        "variant": asdict(variant), "status": OK if finite else DIVERGED, "lr": cfg.lr,
+        "samples": int(len(mined.y)), "anchors": int(mined.anchor.sum()),
+        "moved": bool(finite and last["max_rel_change"] > cfg.min_rel_change),
+        "max_rel_change": last["max_rel_change"],
         "rel_change": {k[len("rel_change/"):]: v for k, v in last.items()
                        if k.startswith("rel_change/")},
         "accuracy_before": {k: tuned.rows[0][f"{k}_accuracy"] for k in eval_sets},
         "accuracy_after": {k: last[f"{k}_accuracy"] for k in eval_sets},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    run.write_config(f"{DARE_DIR}/{variant.name}.json", "dare",
+    if finite and variant.use_transform:
+        summary["synchronized_layers"] = synchronize(tuned.regression_model, model)
+    return DareResult(model, summary, tuned.rows, tuned.regression_model, summary["status"])
+
+
+def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> DareResult:
+    """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
+
+    Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary, with
+    ``status``). A run that diverges saves no model: its summary says ``diverged`` (with the
+    learning rate and the log), the evaluation reports it as such, and the result is returned
+    for the caller to decide (the scripts stop with an error, a study goes on).
+    """
+    variant = VARIANTS[cfg.variant]
+    cfg = cfg if cfg.lr is not None else replace(cfg, lr=run.dare_lr)
+    layers = run.trace_layers
+    mined = load_mined(run)
+    model = run.load_model()
+    units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
+    masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice else None
+    log_path = run.file(layout.dare_log(variant.name))
+    log(f"{variant.name}: {variant.summary}; {len(mined.y)} samples, lr {cfg.lr:g}, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}")
+    result = tune(model, mined, cfg, masks=masks, layers=layers,
+                  eval_sets=run.eval_sets(), log_path=log_path)
+    summary = {**result.summary, "log": str(log_path)}
+    if result.status == DIVERGED:
+        run.model_path(variant.name).unlink(missing_ok=True)
+        run.write_config(layout.dare_summary(variant.name), "dare",
+                         {**asdict(cfg), "summary": summary})
+        log(f"{variant.name} diverged at lr {cfg.lr:g} (the weights became NaN/inf; log "
+            f"{log_path}); nothing was saved")
+        return replace(result, summary=summary)
+    path = run.save_model(model, variant.name)
+    saved = run.load_named(variant.name)
+    reference = model if result.regression_model is None else result.regression_model
+    check = summary.get("synchronized_layers") or [la.name for la in model.layers if la.weights]
+    if not weights_equal(saved, reference, check):
+        raise DareError(f"the saved classifier {path} does not carry the tuned weights")
+    if not summary["moved"]:
+        print(f"warning: {variant.name}: the weights did not move (largest relative change "
+              f"{summary['max_rel_change']:.3g} <= {cfg.min_rel_change:g}); this run is not a "
+              "result. Try a larger --lr.", file=sys.stderr)
+    summary.update({"model_file": str(path), "saved_matches_tuned": True})
+    run.write_config(layout.dare_summary(variant.name), "dare",
                      {**asdict(cfg), "summary": summary})
-    log(f"{variant.name}: validation accuracy {summary['accuracy_before']['validation']:.4f} -> "
-        f"{summary['accuracy_after']['validation']:.4f}, test "
-        f"{summary['accuracy_before']['test']:.4f} -> {summary['accuracy_after']['test']:.4f}; "
-        f"largest relative weight change {last['max_rel_change']:.3g}; saved {path}")
-    return DareResult(model, summary, tuned.rows, tuned.regression_model)
+    acc0, acc1 = summary["accuracy_before"], summary["accuracy_after"]
+    log(f"{variant.name}: validation accuracy {acc0['validation']:.4f} -> "
+        f"{acc1['validation']:.4f}, test {acc0['test']:.4f} -> {acc1['test']:.4f}; "
+        f"largest relative weight change {summary['max_rel_change']:.3g}; saved {path}")
+    return replace(result, summary=summary)

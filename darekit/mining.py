@@ -16,30 +16,27 @@ As ``docs/method.md`` (Stage 2) describes:
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io
+from darekit import io, layout
+from darekit.data import dataset_spec
 from darekit.ddmin import Subset, ddmin_batched
 from darekit.errors import DareError
-from darekit.models import get_architecture
 from darekit.rundir import Run
 from darekit.traces import get_ats
 
-ATS_DIR = "ats"
-DATA = f"{ATS_DIR}/data.npz"
-STATS = f"{ATS_DIR}/stats.json"
-TARGET = "target/"
-ORDERS = ("gain", "grid")  # key prefix of the per-layer targets in data.npz
-
-# Decision: 1.5x each dataset's robust-accuracy budget (0.1 Fashion-MNIST, 8/255 CIFAR/SVHN).
-EPS_MINE: dict[str, float] = {"fashion_mnist": 0.15, "cifar10": 12 / 255, "svhn": 12 / 255}
+TARGET = "target/"  # key prefix of the per-layer targets in data.npz
+ORDERS = ("gain", "grid")
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,8 @@ class MineConfig:
     """Options of ``dare/get_ats.py``.
 
     Attributes:
-        eps_mine: L-inf size of the historical models' directions (None: ``EPS_MINE``).
+        eps_mine: L-inf size of the historical models' directions (None: the dataset's
+            ``DatasetSpec.mining_eps``, 1.5x its L-inf budget).
         patch: side of the square pixel patches ddmin works on.
         max_inputs: mine only a seeded subset of N ``x_validation`` inputs (quick runs).
         anchors: add every collected input's clean x with the same target.
@@ -81,9 +79,7 @@ class MineConfig:
         """The config with ``eps_mine`` filled in from the dataset's default."""
         if self.eps_mine is not None:
             return self
-        if dataset not in EPS_MINE:
-            raise DareError(f"no default --eps-mine for dataset {dataset!r}; give one")
-        return replace(self, eps_mine=EPS_MINE[dataset])
+        return replace(self, eps_mine=dataset_spec(dataset).mining_eps)
 
 
 # --------------------------------------------------------------------------- model calls
@@ -221,30 +217,68 @@ def _distribution(v: np.ndarray) -> dict[str, float]:
             "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]), "max": float(q[4])}
 
 
-def mine_history(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -> MineResult:
-    """Run Stage 2 on ``run`` (its history and ``x_validation``) and return the data."""
+HistoryModel = keras.Model | str | os.PathLike | Callable[[], keras.Model]
+"""One model of a training history: a model, a checkpoint file (``.keras``, or
+``.weights.h5`` of the final model's architecture), or a function that loads one."""
+
+
+def load_history_model(item: HistoryModel, like: keras.Model) -> keras.Model:
+    """The model ``item`` stands for; a ``.weights.h5`` file is loaded into a copy of
+    ``like``'s architecture."""
+    if isinstance(item, keras.Model):
+        return item
+    if callable(item):
+        return item()
+    path = Path(item)
+    if not path.is_file():
+        raise DareError(f"history checkpoint {path} does not exist")
+    if path.name.endswith(".keras"):
+        return keras.saving.load_model(path, compile=False)
+    model = keras.models.clone_model(like)
+    model.load_weights(str(path))
+    return model
+
+
+def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation: np.ndarray,
+         y_validation: np.ndarray, layers: Sequence[str], cfg: MineConfig, *,
+         epochs: Sequence[int] | None = None, log: Callable[[str], Any] = print) -> MineResult:
+    """Stage 2 on any model: mine ``x_validation`` ``(N, H, W, C)`` with ``history`` (the
+    models of every epoch, oldest first; loaded one at a time) against ``final_model``, and
+    build the regression data on the traces of ``layers``.
+
+    ``cfg.eps_mine`` must be set (``MineConfig.resolved(dataset)`` takes the dataset's);
+    ``epochs`` labels the history (default 1..E) in the statistics.
+    """
     t0 = time.perf_counter()
-    cfg = cfg.resolved(run.dataset_name)
-    epochs = run.history_epochs()
-    data = run.data()
+    if cfg.eps_mine is None:
+        raise DareError("mine() needs cfg.eps_mine; MineConfig(...).resolved(dataset) "
+                        "takes the dataset's default")
+    if not history:
+        raise DareError("mining needs at least one historical model")
+    if len(x_validation) != len(y_validation) or len(x_validation) == 0:
+        raise DareError(f"cannot mine {len(x_validation)} inputs with "
+                        f"{len(y_validation)} labels")
+    epochs = list(range(1, len(history) + 1)) if epochs is None else [int(e) for e in epochs]
+    if len(epochs) != len(history):
+        raise DareError(f"{len(epochs)} epoch labels for {len(history)} historical models")
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(data.x_validation))
+    order = rng.permutation(len(x_validation))
     if cfg.max_inputs is not None:
         order = np.sort(order[:cfg.max_inputs])
-    x_all, y_all = data.x_validation[order], data.y_validation[order]
+    x_all, y_all = x_validation[order], y_validation[order]
     shares = np.array_split(rng.permutation(len(order)), len(epochs))
 
     delta = np.empty_like(x_all)
     mined_by = np.empty(len(order), dtype=np.int64)
-    for epoch, share in zip(epochs, shares, strict=True):
-        model_k = run.load_model(epoch)
+    for item, epoch, share in zip(history, epochs, shares, strict=True):
+        model_k = load_history_model(item, final_model)
         delta[share] = fgsm_directions(model_k, x_all[share], y_all[share], cfg.eps_mine,
                                        cfg.batch_size)
         mined_by[share] = epoch
         del model_k
     t_grad = time.perf_counter() - t0
 
-    final = run.load_model()
+    final = final_model
     predict = LabelPredictor(final, cfg.batch_size)
     clean_ok = predict(x_all) == y_all
     fails = np.zeros(len(order), dtype=bool)
@@ -261,7 +295,6 @@ def mine_history(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -
     t_ddmin = time.perf_counter() - t1
     x_mined = np.clip(x_all[cand] + delta[cand] * mini.masks[..., None], 0, 1).astype(np.float32)
 
-    layers = get_architecture(run.model_name).trace_layers
     clean_targets = get_ats(final, x_all[cand], layers, cfg.batch_size)
     k = 2 if cfg.anchors else 1
     sizes = np.array([len(p) for p in mini.patches], dtype=np.int64)
@@ -302,24 +335,31 @@ def mine_history(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -
 
 
 def run_mining(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -> MineResult:
-    """Stage 2 on ``run``; writes ``ats/data.npz`` and ``ats/stats.json``."""
-    result = mine_history(run, cfg, log)
-    io.write_npz(run.file(DATA), x=result.x, y=result.y, anchor=result.anchor,
+    """Stage 2 on ``run`` (its history, final model, ``x_validation`` and trace layers);
+    writes ``ats/data.npz`` and ``ats/stats.json``."""
+    cfg = cfg.resolved(run.dataset_name)
+    epochs = run.history_epochs()
+    data = run.data()
+    result = mine([functools.partial(run.load_model, e) for e in epochs], run.load_model(),
+                  data.x_validation, data.y_validation, run.trace_layers, cfg, epochs=epochs,
+                  log=log)
+    io.write_npz(run.file(layout.MINED), x=result.x, y=result.y, anchor=result.anchor,
                  epoch=result.epoch, index=result.index, patches=result.patches,
                  **{TARGET + n: t for n, t in result.targets.items()})
-    io.write_json(run.file(STATS), {"mine": asdict(cfg.resolved(run.dataset_name)),
-                                    "stats": result.stats, "run": str(run.path)})
+    io.write_json(run.file(layout.MINED_STATS), {"mine": asdict(cfg), "stats": result.stats,
+                                                 "run": str(run.path)})
     return result
 
 
 def load_mined(run: Run) -> MineResult:
     """Read ``ats/`` back (``DareError`` if Stage 2 has not run)."""
-    path = run.file(DATA)
+    path = run.file(layout.MINED)
     if not path.is_file():
-        raise DareError(f"run {run.path} has no {DATA}; run dare/get_ats.py --run-dir "
+        raise DareError(f"run {run.path} has no {layout.MINED}; run dare/get_ats.py --run-dir "
                         f"{run.path} first")
     z = io.read_npz(path)
-    stats = io.read_json(run.file(STATS))["stats"] if run.file(STATS).is_file() else {}
+    stats_path = run.file(layout.MINED_STATS)
+    stats = io.read_json(stats_path)["stats"] if stats_path.is_file() else {}
     targets = {k[len(TARGET):]: v for k, v in z.items() if k.startswith(TARGET)}
     return MineResult(z["x"], z["y"], targets, z["anchor"], z["epoch"], z["index"],
                       z["patches"], stats)

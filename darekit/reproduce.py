@@ -1,34 +1,37 @@
 """The whole study in one call: train with history, slice, mine, DARE / DARE-S / DARE-SL,
 adversarial examples and fine-tuning baselines, optionally PGD adversarial training, then the
-evaluation and its report.
+evaluation and its report; over several seeds (and datasets and architectures), a combined
+report.
 
-Stages whose outputs exist are skipped, and the long ones (training, attack generation,
-evaluation) resume from inside, so rerunning the same command after a crash continues.
+A study is a list of independent jobs, one per (dataset, architecture, seed), each in its own
+run directory. Stages whose outputs exist are skipped, and the long ones (training, attack
+generation, evaluation) resume from inside, so rerunning the same command after a crash
+continues; a finished job is skipped as a whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darekit import io
+from darekit import io, layout
 from darekit.adv_finetune import AdvFinetuneConfig, adv_finetune
 from darekit.adv_finetune import model_name as adv_model_name
 from darekit.adv_training import AdvTrainConfig, adv_train
-from darekit.attacks import DEFAULT_ATTACKS, GenerateConfig, adv_path, generate
+from darekit.advsets import GenerateConfig, adv_path, generate
+from darekit.attacks import DEFAULT_ATTACKS
 from darekit.dare import VARIANTS, DareConfig, run_dare
 from darekit.errors import DareError
-from darekit.evaluate import EVAL_DIR, EvalConfig, SearchConfig, evaluate_run
+from darekit.evaluate import EvalConfig, SearchConfig, evaluate_run
 from darekit.finetune import FinetuneConfig
-from darekit.mining import DATA as MINED
 from darekit.mining import MineConfig, run_mining
-from darekit.paths import default_run_dir
+from darekit.paths import runs_dir
 from darekit.rundir import Run
-from darekit.slicing import MASKS, SliceConfig, run_slicing
+from darekit.slicing import SliceConfig, run_slicing
 from darekit.training import TrainConfig, train
 
 PGD_AT_MODEL = "pgd-at"
@@ -52,21 +55,17 @@ class Profile:
     baselines: tuple[str, ...] | None = None  # attacks with a fine-tuning baseline; None: all
 
 
-QUICK_ATTACKS = {
-    "pgd": {"steps": 7, "rel_stepsize": 2.5 / 7},
-    "bim": {"steps": 5, "rel_stepsize": 0.4},
-    "cw": {"binary_search_steps": 3, "steps": 20},
-    "deepfool": {"steps": 20, "candidates": 4},
-}
-"""Cheaper attack budgets for the quick profile (fewer steps, same step lengths in units of
-epsilon); the paper profile uses the registered defaults (``darekit.attacks``)."""
+QUICK_CROSSCHECK = {"apgd_iter": 50, "dlr_targets": 1, "square_queries": 300}
+"""The quick profile's reduced cross-check (on 50 of its 100 test images): APGD-CE and one
+targeted APGD-DLR run of 50 iterations, Square with 300 queries, and the transfer attack."""
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile(
         name="quick",
         doc="real Fashion-MNIST at CPU scale: 4,000 training images (2,000 x_train), short "
             "schedules, approximate slicing, fine-tuning baselines for FGSM and PGD only "
-            "(300 adversarial examples each), cheaper attack budgets, 100 test images",
+            "(300 adversarial examples each), 100 test images with the precise search, a "
+            "reduced cross-check on 50 of them",
         train={"subset": 4000, "epochs": 5, "lr": 0.01, "milestones": (4,),
                "test_subset": 1000, "batch_size": 64},
         slice=SliceConfig(max_per_class=20, mode="approx"),
@@ -76,15 +75,15 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         adv_finetune=AdvFinetuneConfig(finetune=FinetuneConfig(lr=1e-3, epochs=3)),
         pgd_at={"subset": 4000, "epochs": 5, "lr": 0.01, "milestones": (4,),
                 "test_subset": 500, "batch_size": 64},
-        evaluate=EvalConfig(n=100, search=SearchConfig(grid=4, max_rounds=2)),
-        attack_params=QUICK_ATTACKS,
+        evaluate=EvalConfig(n=100, search=SearchConfig(), crosscheck_n=50,
+                            crosscheck_params=QUICK_CROSSCHECK),
         baselines=("fgsm", "pgd"),
     ),
     Profile(
         name="paper",
         doc="the paper's scale (for GPUs): the full training set and each architecture's "
             "schedule, K=200 images per class for exact slicing, all of x_validation mined, "
-            "5,000 adversarial examples per attack, 1,000 test images",
+            "5,000 adversarial examples per attack, 1,000 test images, the full cross-check",
         train={},
         slice=SliceConfig(),
         mine=MineConfig(),
@@ -99,7 +98,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 
 @dataclass(frozen=True)
 class Study:
-    """One invocation: a dataset, an architecture, a profile and the run directory."""
+    """One job: a dataset, an architecture, a profile, a seed and the run directory."""
 
     dataset: str
     model: str
@@ -111,8 +110,13 @@ class Study:
 
     @property
     def path(self) -> Path:
-        return self.run_dir or default_run_dir(self.dataset, self.model, self.seed).with_name(
-            f"{self.dataset}-{self.model}-{self.profile.name}-s{self.seed}")
+        return self.run_dir or runs_dir() / study_name(self.dataset, self.model,
+                                                       self.profile.name, self.seed)
+
+
+def study_name(dataset: str, model: str, profile: str, seed: int) -> str:
+    """``<dataset>-<model>-<profile>-s<seed>``: a job's run directory under ``runs/``."""
+    return f"{dataset}-{model}-{profile}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -125,39 +129,49 @@ class Stage:
 def _train(s: Study) -> None:
     cfg = TrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.train},
                               seed=s.seed, run_dir=str(s.path),
-                              resume=(s.path / "config.json").is_file())
+                              resume=(s.path / layout.CONFIG).is_file())
     train(cfg)
 
 
 def _trained(s: Study) -> bool:
-    if not (s.path / "config.json").is_file():
+    if not (s.path / layout.CONFIG).is_file():
         return False
     run = Run(s.path)
     return run.completed_epochs() >= int(run.train_config["epochs"])
 
 
 def _pgd_at(s: Study) -> None:
-    sub = s.path / "pgd-at-run"
+    sub = s.path / layout.PGD_AT_RUN
     cfg = AdvTrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.pgd_at},
                                  seed=s.seed, run_dir=str(sub),
-                                 resume=(sub / "config.json").is_file())
+                                 resume=(sub / layout.CONFIG).is_file())
     pgd_run = adv_train(cfg)
     # Same architecture, same seed and subset, hence the same x_train: the PGD-trained
     # classifier is one more model of this run for the evaluation.
     Run(s.path).save_model(pgd_run.load_model(), PGD_AT_MODEL)
 
 
+def evaluation_config(s: Study) -> EvalConfig:
+    """The profile's evaluation, on the study's attacks, with the profile's attack budgets.
+    Its seed is the profile's, not the job's: every seed of a study is evaluated on the same
+    test images with the same attack draws, so seeds differ only in what they trained."""
+    return dataclasses.replace(s.profile.evaluate, attacks=s.attacks, params={
+        a: s.profile.attack_params[a] for a in s.attacks if a in s.profile.attack_params})
+
+
 def _stages(s: Study) -> list[Stage]:
     run = lambda: Run.open(s.path)
     stages = [
         Stage("train", _trained, _train),
-        Stage("slice", lambda s: (s.path / MASKS).is_file(),
+        Stage("slice", lambda s: (s.path / layout.MASKS).is_file(),
               lambda s: run_slicing(run(), s.profile.slice)),
-        Stage("mine", lambda s: (s.path / MINED).is_file(),
+        Stage("mine", lambda s: (s.path / layout.MINED).is_file(),
               lambda s: run_mining(run(), s.profile.mine)),
     ]
+    finished = lambda s, name: Run(s.path).model_path(name).is_file() or \
+        name in Run(s.path).diverged_models()
     for v in VARIANTS:
-        stages.append(Stage(v, lambda s, v=v: Run(s.path).model_path(v).is_file(),
+        stages.append(Stage(v, lambda s, v=v: finished(s, v),
                             lambda s, v=v: run_dare(run(), DareConfig(variant=v, verbose=2,
                                                                       **s.profile.dare))))
     baselines = s.attacks if s.profile.baselines is None else \
@@ -169,25 +183,25 @@ def _stages(s: Study) -> list[Stage]:
                                                                      a).is_file(),
                             lambda s, a=a, gen=gen: generate(run(), gen, a)))
         stages.append(Stage(f"adv-finetune {a}",
-                            lambda s, a=a: Run(s.path).model_path(adv_model_name(a)).is_file(),
+                            lambda s, a=a: finished(s, adv_model_name(a)),
                             lambda s, a=a: adv_finetune(run(), a, s.profile.adv_finetune,
                                                         verbose=2)))
     if s.pgd_at:
         stages.append(Stage("pgd-at", lambda s: Run(s.path).model_path(PGD_AT_MODEL).is_file(),
                             _pgd_at))
-    ev = dataclasses.replace(s.profile.evaluate, attacks=s.attacks, params={
-        a: s.profile.attack_params[a] for a in s.attacks if a in s.profile.attack_params})
-    stages.append(Stage("evaluate", lambda s: False, lambda s: evaluate_run(run(), ev)))
+    stages.append(Stage("evaluate", lambda s: False,
+                        lambda s: evaluate_run(run(), evaluation_config(s))))
     return stages
 
 
 def reproduce(s: Study, log: Callable[[str], Any] = print) -> Run:
-    """Run every stage that has not finished; return the run. See the module docstring."""
+    """Run every stage of one job that has not finished; return the run."""
     stages = _stages(s)
-    io.write_json(s.path / "reproduce.json", {
+    io.write_json(s.path / layout.REPRODUCE, {
         "dataset": s.dataset, "model": s.model, "profile": s.profile.name, "seed": s.seed,
         "pgd_at": s.pgd_at, "attacks": list(s.attacks), "stages": [st.name for st in stages]})
     t_all = time.perf_counter()
+    timings: dict[str, float] = {}
     for i, st in enumerate(stages, 1):
         head = f"[{i}/{len(stages)}] {st.name}"
         if st.done(s):
@@ -196,11 +210,55 @@ def reproduce(s: Study, log: Callable[[str], Any] = print) -> Run:
         log(f"{head} ...")
         t0 = time.perf_counter()
         st.run(s)
-        log(f"{head}: finished in {time.perf_counter() - t0:.0f}s "
+        timings[st.name] = round(time.perf_counter() - t0, 1)
+        log(f"{head}: finished in {timings[st.name]:.0f}s "
             f"(total {time.perf_counter() - t_all:.0f}s)")
-    report = s.path / EVAL_DIR / "report.md"
+    _record_timings(s.path, timings)
+    report = s.path / layout.REPORT
     if not report.is_file():
         raise DareError(f"the evaluation wrote no report at {report}")
-    log(f"report: {report}\nplots: {report.parent / 'robust_accuracy.png'}, "
-        f"{report.parent / 'er.png'}")
+    log(f"report: {report}\nplots: {s.path / layout.PLOT_ROBUST}, {s.path / layout.PLOT_ER}")
     return Run(s.path)
+
+
+def _record_timings(path: Path, timings: dict[str, float]) -> None:
+    """``reproduce.json`` keeps the wall time of every stage that ran (latest sitting wins)."""
+    meta = io.read_json(path / layout.REPRODUCE)
+    meta["seconds"] = {**meta.get("seconds", {}), **timings}
+    io.write_json(path / layout.REPRODUCE, meta)
+
+
+# ---------------------------------------------------------------------------- several jobs
+def combined_dir(studies: Sequence[Study]) -> Path:
+    """Where the combined report of several jobs goes:
+    ``runs/report-<profile>-<datasets>-<models>-s<seeds>``."""
+    part = lambda values: "+".join(dict.fromkeys(str(v) for v in values))
+    s0 = studies[0]
+    return runs_dir() / (f"report-{s0.profile.name}-{part(s.dataset for s in studies)}-"
+                         f"{part(s.model for s in studies)}-s{part(s.seed for s in studies)}")
+
+
+def write_combined(studies: Sequence[Study], out: Path | None = None) -> Path:
+    """The combined report of every finished job among ``studies`` (seeds: mean ± std)."""
+    from darekit import report
+
+    done = [s for s in studies if (s.path / layout.RESULTS_JSON).is_file()]
+    if not done:
+        raise DareError("no job has finished its evaluation yet; nothing to combine")
+    out = out or combined_dir(studies)
+    text = report.combined_report([report.Evaluated.load(s.path) for s in done], out)
+    io.write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def reproduce_all(studies: Sequence[Study], log: Callable[[str], Any] = print) -> Path | None:
+    """Run the jobs one after the other; with more than one, write the combined report."""
+    for k, s in enumerate(studies, 1):
+        if len(studies) > 1:
+            log(f"=== job {k}/{len(studies)}: {s.dataset} {s.model} seed {s.seed} -> {s.path}")
+        reproduce(s, log)
+    if len(studies) > 1:
+        path = write_combined(studies)
+        log(f"combined report: {path}")
+        return path
+    return None

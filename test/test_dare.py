@@ -11,7 +11,7 @@ import pytest
 from conftest import run_script
 
 from darekit import dare as dare_mod
-from darekit import io
+from darekit import io, layout
 from darekit.dare import (
     VARIANTS,
     DareConfig,
@@ -201,11 +201,17 @@ def test_dare_needs_mined_data_and_a_slice(fm_run, chain_run, tmp_path):
     assert not (run_dir / "models").exists()
 
 
-def test_divergence_is_an_error_not_a_result(chain_run):
+def test_divergence_is_recorded_not_a_result(chain_run):
     run = Run.open(chain_run)
-    before = run.model_path("dare-s").stat().st_mtime if run.model_path("dare-s").exists() else 0
-    with pytest.raises(DareError, match="diverged"):
-        run_dare(run, DareConfig(variant="dare-s", lr=1e8, epochs=1, verbose=0),
-                 log=lambda s: None)
-    after = run.model_path("dare-s").stat().st_mtime if run.model_path("dare-s").exists() else 0
-    assert after == before  # nothing saved
+    res = run_dare(run, DareConfig(variant="dare-s", lr=1e8, epochs=1, verbose=0),
+                   log=lambda s: None)
+    assert res.status == "diverged"
+    assert not run.model_path("dare-s").exists()      # no model, not even an older one
+    summary = io.read_json(run.file(layout.dare_summary("dare-s")))["dare"]
+    assert summary["lr"] == 1e8 and summary["summary"]["status"] == "diverged"
+    assert run.file(layout.dare_log("dare-s")).is_file()
+    assert "dare-s" in run.diverged_models()
+    # The script, unlike a study, stops with one line and a non-zero exit.
+    proc = run_script("dare/dare-s.py", "--run-dir", chain_run, "--lr", "1e8", "--epochs", "1",
+                      check=False)
+    assert proc.returncode != 0 and "diverged at lr 1e+08" in proc.stderr

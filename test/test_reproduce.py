@@ -9,7 +9,7 @@ from conftest import run_script
 
 from darekit import io, reproduce
 from darekit.adv_finetune import AdvFinetuneConfig
-from darekit.attacks import GenerateConfig
+from darekit.advsets import GenerateConfig
 from darekit.evaluate import EvalConfig, SearchConfig
 from darekit.finetune import FinetuneConfig
 from darekit.mining import MineConfig
@@ -26,7 +26,9 @@ TINY = Profile(
     generate=GenerateConfig(n=100, progress=False),
     adv_finetune=AdvFinetuneConfig(finetune=FinetuneConfig(epochs=1)),
     pgd_at={"subset": 1000, "epochs": 1, "test_subset": 100, "verbose": 0},
-    evaluate=EvalConfig(n=20, search=SearchConfig(grid=4, max_rounds=1)),
+    evaluate=EvalConfig(n=20, search=SearchConfig(tol=0.05), crosscheck_n=12,
+                        crosscheck_params={"apgd_iter": 5, "dlr_targets": 1,
+                                           "square_queries": 20}),
 )
 
 
@@ -69,7 +71,10 @@ def test_reproduce_resumes_after_an_interruption_and_skips_finished_stages(tmp_p
     assert {(r["model"], r["attack"]) for r in results} == {
         (m, a) for m in run.named_models() for a in ("fgsm", "deepfool")}
     report = run.file("eval/report.md").read_text()
-    assert "best in" in report and "pgd-at" in report
+    assert "best in" in report and "pgd-at" in report and "Cross-check" in report
+    checks = io.read_json(run.file("eval/results.json"))["crosscheck"]
+    assert {c["model"] for c in checks} == set(run.named_models())
+    assert all(c["n"] == 12 for c in checks)
 
     # A third call has nothing left to do: every stage but the (resumable) evaluation skips.
     log3: list[str] = []

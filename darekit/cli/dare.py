@@ -47,8 +47,9 @@ def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") ->
     args = p.parse_args(argv)
 
     def body() -> None:
+        from darekit import layout
         from darekit.rundir import Run
-        from darekit.slicing import SUMMARY, SliceConfig, run_slicing
+        from darekit.slicing import SliceConfig, run_slicing
 
         cfg = SliceConfig(**_given(args, "run_dir"))
         r = Run.open(args.run_dir)
@@ -56,7 +57,7 @@ def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") ->
         for name, m in result.masks().items():
             print(f"{name}: slice sizes per class {m.sum(1).tolist()} of {m.shape[1]}")
         print(f"{result.images.sum()} images in {result.seconds:.1f}s "
-              f"({result.images_per_second:.1f} images/s); summary {r.file(SUMMARY)}")
+              f"({result.images_per_second:.1f} images/s); summary {r.file(layout.SLICE_SUMMARY)}")
 
     return run(body)
 
@@ -83,7 +84,8 @@ def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> i
     def body() -> None:
         import json
 
-        from darekit.mining import STATS, MineConfig, run_mining
+        from darekit import layout
+        from darekit.mining import MineConfig, run_mining
         from darekit.rundir import Run
 
         cfg = MineConfig(**_given(args, "run_dir"))
@@ -92,7 +94,7 @@ def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> i
         s = result.stats
         print(json.dumps({k: s[k] for k in ("inputs", "failures", "failure_rate", "collected",
                                              "model_queries_per_input")}))
-        print(f"|S*| {s['s_star_size']}; statistics {r.file(STATS)}")
+        print(f"|S*| {s['s_star_size']}; statistics {r.file(layout.MINED_STATS)}")
 
     return run(body)
 
@@ -120,7 +122,13 @@ def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
         from darekit.dare import DareConfig, run_dare
         from darekit.rundir import Run
 
+        from darekit.errors import DareError
+
         cfg = DareConfig(variant=variant, **_given(args, "run_dir"))
-        run_dare(Run.open(args.run_dir), cfg)
+        res = run_dare(Run.open(args.run_dir), cfg)
+        if res.status == "diverged":
+            raise DareError(f"{variant} diverged at lr {res.summary['lr']:g} (the weights "
+                            f"became NaN/inf; log {res.summary['log']}); nothing was saved. "
+                            "Try a smaller --lr.")
 
     return run(body)
