@@ -7,13 +7,42 @@ profiled and sliced with criterion "the logit of c" (NNSlicer, FSE 2020; see
 1. Reference: the mean activation of every neuron over the class's profiling images
    (``reference="class"``, as the NNSlicer code does) or over all profiling images (``"all"``).
 2. Forward analysis: ``dx = x_in - mean`` for every layer input on the way back.
-3. Backward analysis from ``CONTRIB[logit_c] = 1``. A weighted-sum op (Dense, Conv2D) computes
-   for each traced output neuron n the synapse terms ``v_i = w_in * dx_i``, keeps the largest-|v|
-   synapses whose partial sum reproduces ``dy_n = sum_i v_i`` within ``eps`` (NNSlicer's
-   ``arg_abs_approx`` with its ``bar``) and adds ``sign(v_i) * sign(dy_n) * sign(CONTRIB_n)`` to
-   each kept input. Max-pooling copies a window's contribution to its maximum (all tied maxima);
-   Flatten reshapes; BatchNormalization, Dropout and ReLU pass contributions through (ReLU can
-   gate them on active units, ``relu="gate"``).
+3. Backward analysis from ``CONTRIB[logit_c] = 1`` over the model's layer graph (a DAG), in
+   reverse topological order: a layer is processed once every layer that reads its output has
+   been, and a tensor read by several layers (a residual fan-out) receives the sum of the
+   contributions they send it (NNSlicer's merge). The walk covers the layers on a path from a
+   sliced layer to the logits and stops at the sliced layers. The rules:
+
+   - Weighted sums. For each traced output neuron n the synapse terms are ``v_i = w_in * dx_i``;
+     the largest-|v| synapses whose partial sum reproduces ``dy_n = sum_i v_i`` within ``eps``
+     are kept (NNSlicer's ``arg_abs_approx`` with its ``bar``, ``select_synapses``) and each
+     kept input receives ``sign(v_i) * sign(dy_n) * sign(CONTRIB_n)``:
+     - ``Dense`` and ``Conv2D`` (strided too, ``same`` or ``valid``; a window is clipped at
+       the border, padded cells are no synapses; the bias is left out of ``dy``);
+     - ``Add``: unit weights, elementwise; the synapses of an output element are the inputs'
+       ``dx`` at that position, so the contribution flows to the branches that explain it;
+     - ``GlobalAveragePooling2D``: the H*W positions of a channel, weight ``1 / (H*W)``.
+     All three are exact: reference means are linear, so ``dy = sum_i v_i`` holds exactly.
+   - Built-in activations: a ``Dense`` or ``Conv2D`` with ``activation="relu"`` is its weighted
+     sum after the ReLU rule below; ``relu(z) > 0`` iff ``z > 0``, so gating on its output is
+     gating on the pre-activation, exactly as a separate ``ReLU`` layer does.
+   - ``MaxPooling2D`` (non-overlapping) copies a window's contribution to its maximum (all
+     tied maxima); ``Flatten`` and ``Reshape`` reshape; ``BatchNormalization`` and ``Dropout``
+     pass contributions through (a per-channel scale is a single synapse: ``sign(v) sign(dy)
+     = +1``, NNSlicer's rule); ``ReLU`` (and ``Activation("relu")``) passes them through
+     (``relu="pass"``, the NNSlicer code) or gates them on active units (``relu="gate"``).
+     These are NNSlicer's rules as its code has them.
+
+   Refused up front (``check_sliceable``), every offending layer named in one line: any other
+   layer type (no rule here, e.g. ``AveragePooling2D``; NNSlicer has none for
+   ``Concatenate``), ``keras.ops`` calls on symbolic tensors (``a + b``: use ``layers.Add``),
+   built-in activations and ``Activation`` layers other than relu and linear (no exact rule:
+   NNSlicer passes any activation through, which ``relu="gate"`` could not mirror), a
+   ``ReLU`` with ``max_value``, ``negative_slope`` or ``threshold`` (idem), overlapping or
+   ``same``-padded max-pooling, grouped convolutions, ``channels_first`` layers, ``Dense`` on
+   inputs of rank > 2, ``Add`` with broadcasting, nested models, layers returning several
+   tensors, and a softmax on the logits (the criterion is a logit). Only the layers between
+   the sliced layers and the logits are checked: the ones before are never walked.
 4. Aggregation: a neuron's score is ``sum_x |CONTRIB|``; a conv channel's score sums its spatial
    positions. Per class and layer, the slice is the smallest set of units whose scores cover a
    fraction ``per`` of the layer's total (``cover_mask``).
@@ -21,8 +50,10 @@ profiled and sliced with criterion "the logit of c" (NNSlicer, FSE 2020; see
 Everything is vectorised: all traced (input, neuron) pairs of a layer are processed as one
 matrix, in chunks. ``mode="approx"`` replaces step 3 by gradient x delta,
 ``|dx * d logit_c / dx|`` at each sliced layer: one backward pass, no sorting.
-Only sequential chains are supported (VGG, AlexNet, smallcnn); the analysis walks back from
-``logits`` to the earliest sliced layer and stops there.
+
+The logits are the output of the layer named ``logits`` (every registered architecture has
+one), else the model's single output. ``find_trace_layers`` finds the sliced layers of a CNN
+from its graph (see there); the registered architectures declare the same ones.
 """
 
 from __future__ import annotations
@@ -37,36 +68,42 @@ import numpy as np
 import tensorflow as tf
 
 from darekit import io, layout
+from darekit.config import option
 from darekit.errors import DareError
-from darekit.models import LOGITS, get_architecture
+from darekit.models import LOGITS
 from darekit.rundir import Run
+
+REFERENCES = ("class", "all")
+RELU_RULES = ("pass", "gate")
+_CHUNK = 1 << 22  # elements of one synapse matrix chunk (16 MiB of float32)
 
 
 @dataclass(frozen=True)
 class SliceConfig:
-    """Options of ``dare/nnslicer.py``; defaults as ``docs/method.md`` gives them.
+    """Options of ``dare/nnslicer.py``; each field carries its default and its help
+    (``darekit.config.option``), from which the command line is generated.
 
-    Attributes:
-        per: fraction of each layer's aggregated |contribution| the slice covers, in (0, 1].
-        max_per_class: K, the correctly classified ``x_train`` images profiled per class.
-        eps: NNSlicer's ``sum_precision_error`` (kept synapses reproduce dy within eps).
-        bar: NNSlicer's ``threshold_bar_ratio`` (near-ties of the last kept synapse enter).
-        reference: ``"class"`` (class-conditional means) or ``"all"``.
-        mode: ``"exact"`` (NNSlicer's backward analysis) or ``"approx"`` (gradient x delta).
-        relu: ``"pass"`` (NNSlicer code: identity) or ``"gate"`` (active units only).
-        batch_size: images per backward batch.
-        seed: picks which K images of a class are profiled.
+    The sliced layers are not an option here: they are the run's (``Run.trace_layers``), the
+    same ones that activation traces and DARE's regression model use.
     """
 
-    per: float = 0.95
-    max_per_class: int = 200
-    eps: float = 0.2
-    bar: float = 0.01
-    reference: str = "class"
-    mode: str = "exact"
-    relu: str = "pass"
-    batch_size: int = 32
-    seed: int = 0
+    per: float = option(0.95, "fraction of each layer's aggregated |contribution| the slice "
+                        "covers, in (0, 1] (larger per, larger slice)")
+    max_per_class: int = option(200, "K, the correctly classified x_train images profiled "
+                                "per class")
+    eps: float = option(0.2, "NNSlicer's sum_precision_error: a neuron's kept synapses "
+                        "reproduce its change within eps (relative), in (0, 1)")
+    bar: float = option(0.01, "NNSlicer's threshold_bar_ratio: near-ties of the last kept "
+                        "synapse enter too, in [0, 1)")
+    reference: str = option("class", "reference activations: the mean over the class's "
+                            "profiling images or over all classes'", choices=REFERENCES)
+    mode: str = option("exact", "exact NNSlicer backward analysis, or gradient x delta "
+                       "(approx: one backward pass, no sorting)", choices=lambda: tuple(MODES))
+    relu: str = option("pass", "ReLUs (layers and built-in activations) pass contributions "
+                       "through (the NNSlicer code) or gate them on active units",
+                       choices=RELU_RULES)
+    batch_size: int = option(32, "images per backward batch")
+    seed: int = option(0, "picks which K images of a class are profiled")
 
     def __post_init__(self) -> None:
         if not 0 < self.per <= 1:
@@ -81,11 +118,6 @@ class SliceConfig:
             if getattr(self, name) not in allowed:
                 raise DareError(f"--{name} must be one of {list(allowed)}; "
                                 f"received {getattr(self, name)!r}")
-
-
-REFERENCES = ("class", "all")
-RELU_RULES = ("pass", "gate")
-_CHUNK = 1 << 22  # elements of one synapse matrix chunk (16 MiB of float32)
 
 
 # --------------------------------------------------------------------------- selection
@@ -143,15 +175,16 @@ def _accumulate(rows: np.ndarray, vals: np.ndarray, out: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- layer rules
-Rule = Callable[[keras.layers.Layer, np.ndarray, np.ndarray, np.ndarray, SliceConfig],
-                np.ndarray]
-"""``rule(layer, x_in (B, ...), mean_in (B or 1, ...), contrib_out (B, ...), cfg)
--> contrib_in (B, ...)``."""
+Rule = Callable[[keras.layers.Layer, Sequence[np.ndarray], Sequence[np.ndarray], np.ndarray,
+                 np.ndarray, SliceConfig], list[np.ndarray]]
+"""``rule(layer, xs, refs, y, c_out, cfg) -> [contrib_in of each input]``: the layer's inputs
+``xs`` ``[(B, ...)]``, their reference means ``refs`` (broadcastable to ``xs``), its output
+``y`` ``(B, ...)`` and the contributions on it ``c_out`` ``(B, ...)``."""
 
 
 def _weighted_sum(patches: np.ndarray, kernel: np.ndarray, c_out: np.ndarray,
                   cfg: SliceConfig, valid: np.ndarray | None = None) -> np.ndarray:
-    """Shared Dense/Conv rule on flattened receptive fields.
+    """Shared weighted-sum rule on flattened receptive fields.
 
     ``patches (R, F)``: the dx of each output position's receptive field; ``kernel (F, O)``;
     ``c_out (R, O)``; ``valid (R, F)``: which field cells lie inside the image (None: all).
@@ -167,12 +200,18 @@ def _weighted_sum(patches: np.ndarray, kernel: np.ndarray, c_out: np.ndarray,
     return g
 
 
-def _dense(layer, x_in, ref_in, c_out, cfg):
-    if layer.activation is not keras.activations.linear:
-        raise DareError(f"Dense layer {layer.name!r} has a built-in activation; slicing "
-                        "needs separate activation layers")
-    dx = (x_in - ref_in).astype(np.float32)
-    return _weighted_sum(dx, np.asarray(layer.kernel), c_out, cfg)
+def _built_in_relu(layer, y, c_out, cfg):
+    """The ReLU rule of a built-in ``activation="relu"``, applied on the layer's output:
+    ``relu(z) > 0`` iff ``z > 0``, so gating on ``y`` is gating on the pre-activation."""
+    if cfg.relu == "gate" and layer.activation is keras.activations.relu:
+        return c_out * (y > 0)
+    return c_out
+
+
+def _dense(layer, xs, refs, y, c_out, cfg):
+    c_out = _built_in_relu(layer, y, c_out, cfg)
+    dx = (xs[0] - refs[0]).astype(np.float32)
+    return [_weighted_sum(dx, np.asarray(layer.kernel), c_out, cfg)]
 
 
 def _extract(x: tf.Tensor, layer: keras.layers.Conv2D) -> tf.Tensor:
@@ -182,10 +221,9 @@ def _extract(x: tf.Tensor, layer: keras.layers.Conv2D) -> tf.Tensor:
                                     rates=[1, dh, dw, 1], padding=layer.padding.upper())
 
 
-def _conv(layer, x_in, ref_in, c_out, cfg):
-    if layer.data_format != "channels_last" or layer.groups != 1:
-        raise DareError(f"Conv2D {layer.name!r}: only channels_last, groups=1 is supported")
-    dx = tf.constant((x_in - ref_in).astype(np.float32))
+def _conv(layer, xs, refs, y, c_out, cfg):
+    c_out = _built_in_relu(layer, y, c_out, cfg)
+    dx = tf.constant((xs[0] - refs[0]).astype(np.float32))
     patches = _extract(dx, layer).numpy()
     b, ho, wo, f = patches.shape
     # Windows are clipped at the border, as NNSlicer does: padded cells are no synapses.
@@ -197,151 +235,476 @@ def _conv(layer, x_in, ref_in, c_out, cfg):
     with tf.GradientTape() as tape:  # the adjoint of extract_patches scatters fields back
         tape.watch(dx)
         p = _extract(dx, layer)
-    return tape.gradient(p, dx, output_gradients=tf.constant(g.reshape(p.shape))).numpy()
+    return [tape.gradient(p, dx, output_gradients=tf.constant(g.reshape(p.shape))).numpy()]
 
 
-def _maxpool(layer, x_in, ref_in, c_out, cfg):
-    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
-    if (ph, pw) != (sh, sw) or layer.padding != "valid":
-        raise DareError(f"MaxPooling2D {layer.name!r}: only non-overlapping valid pooling "
-                        "is supported")
+def _add(layer, xs, refs, y, c_out, cfg):
+    # Unit weights: the k synapses of each output element are the inputs' dx there.
+    k = len(xs)
+    dx = np.stack([(x - r).astype(np.float32) for x, r in zip(xs, refs, strict=True)], -1)
+    g = _weighted_sum(dx.reshape(-1, k), np.ones((k, 1), np.float32), c_out.reshape(-1, 1),
+                      cfg).reshape(dx.shape)
+    return [g[..., i] for i in range(k)]
+
+
+def _global_avg_pool(layer, xs, refs, y, c_out, cfg):
+    # One neuron per (image, channel); its H*W synapses have weight 1 / (H*W).
+    dx = (xs[0] - refs[0]).astype(np.float32)
+    b, h, w, ch = dx.shape
+    fields = dx.transpose(0, 3, 1, 2).reshape(b * ch, h * w)
+    kernel = np.full((h * w, 1), 1.0 / (h * w), np.float32)
+    g = _weighted_sum(fields, kernel, c_out.reshape(b * ch, 1), cfg)
+    return [g.reshape(b, ch, h, w).transpose(0, 2, 3, 1)]
+
+
+def _maxpool(layer, xs, refs, y, c_out, cfg):
+    x_in = xs[0]
+    ph, pw = layer.pool_size
     b, ho, wo, ch = c_out.shape
     win = x_in[:, :ho * ph, :wo * pw].reshape(b, ho, ph, wo, pw, ch)
     at_max = win == win.max(axis=(2, 4), keepdims=True)  # every tied maximum, as NNSlicer
     c_in = np.zeros(x_in.shape, dtype=np.float32)
     c_in[:, :ho * ph, :wo * pw] = (at_max * c_out[:, :, None, :, None, :]).reshape(
         b, ho * ph, wo * pw, ch)
-    return c_in
+    return [c_in]
 
 
-def _relu(layer, x_in, ref_in, c_out, cfg):
-    return c_out * (x_in > 0) if cfg.relu == "gate" else c_out
+def _relu(layer, xs, refs, y, c_out, cfg):
+    return [c_out * (xs[0] > 0) if cfg.relu == "gate" else c_out]
 
 
-def _identity(layer, x_in, ref_in, c_out, cfg):
-    return c_out
+def _identity(layer, xs, refs, y, c_out, cfg):
+    return [c_out]
 
 
-def _flatten(layer, x_in, ref_in, c_out, cfg):
-    return c_out.reshape(x_in.shape)
+def _reshape(layer, xs, refs, y, c_out, cfg):
+    return [c_out.reshape(xs[0].shape)]
+
+
+def _activation(layer, xs, refs, y, c_out, cfg):
+    return (_relu if layer.activation is keras.activations.relu else _identity)(
+        layer, xs, refs, y, c_out, cfg)
 
 
 RULES: dict[type, Rule] = {
     keras.layers.Dense: _dense,
     keras.layers.Conv2D: _conv,
+    keras.layers.Add: _add,
+    keras.layers.GlobalAveragePooling2D: _global_avg_pool,
     keras.layers.MaxPooling2D: _maxpool,
     keras.layers.BatchNormalization: _identity,  # a positive-or-negative per-channel scale:
     keras.layers.Dropout: _identity,             # one synapse, so sign(v) sign(dy) = +1
     keras.layers.ReLU: _relu,
-    keras.layers.Flatten: _flatten,
+    keras.layers.Activation: _activation,
+    keras.layers.Flatten: _reshape,
+    keras.layers.Reshape: _reshape,
 }
 
 
-def rule_for(layer: keras.layers.Layer) -> Rule:
-    for kind, rule in RULES.items():
+def _kind(layer: Any) -> type | None:
+    for kind in RULES:
         if isinstance(layer, kind):
-            return rule
-    if isinstance(layer, keras.layers.Activation) and layer.activation.__name__ == "relu":
-        return _relu
-    raise DareError(f"slicing does not support layer {layer.name!r} "
-                    f"({type(layer).__name__}); supported: {[k.__name__ for k in RULES]}")
+            return kind
+    return None
 
 
-# --------------------------------------------------------------------------- the chain
+def _activation_problem(activation: Any) -> str | None:
+    if activation is keras.activations.linear or activation is keras.activations.relu:
+        return None
+    name = getattr(activation, "__name__", repr(activation))
+    return f"activation {name!r} (only relu or linear have an exact rule)"
+
+
+def _why_not(layer: Any, node: Any) -> str | None:
+    """Why the analysis cannot pass this call of ``layer``; None when it can."""
+    if isinstance(layer, keras.Model):
+        return "a nested model (slicing needs its layers in the outer graph)"
+    if not isinstance(layer, keras.layers.Layer):  # e.g. ``a + b`` on symbolic tensors
+        return "no contribution rule (a keras.ops call; use the layer, e.g. keras.layers.Add)"
+    kind = _kind(layer)
+    if kind is None:
+        return "no contribution rule"
+    if len(node.outputs) != 1:
+        return "returns several tensors"
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt != "channels_last":
+        return f"data_format {fmt!r} (only channels_last)"
+    if kind in (keras.layers.Dense, keras.layers.Conv2D, keras.layers.Activation):
+        problem = _activation_problem(layer.activation)
+        if problem:
+            return problem
+    if kind is keras.layers.Dense and len(node.input_tensors[0].shape) != 2:
+        return f"input of rank {len(node.input_tensors[0].shape)} (only (batch, units))"
+    if kind is keras.layers.Conv2D and layer.groups != 1:
+        return f"groups={layer.groups} (only 1)"
+    if kind is keras.layers.MaxPooling2D and (tuple(layer.pool_size) != tuple(layer.strides)
+                                              or layer.padding != "valid"):
+        return "overlapping or same-padded pooling (only non-overlapping valid pooling)"
+    if kind is keras.layers.ReLU and (layer.max_value is not None or layer.negative_slope != 0
+                                      or layer.threshold != 0):
+        return "max_value, negative_slope or threshold set (only the plain ReLU)"
+    if kind is keras.layers.Add:
+        shapes = {tuple(t.shape[1:]) for t in node.input_tensors}
+        if len(shapes) != 1:
+            return f"broadcasting inputs {sorted(shapes)} (only equal shapes)"
+    return None
+
+
+def rule_for(layer: keras.layers.Layer) -> Rule:
+    """The contribution rule of ``layer``'s type (``check_sliceable`` checks its settings)."""
+    kind = _kind(layer)
+    if kind is None or isinstance(layer, keras.Model):
+        raise DareError(f"slicing does not support layer {layer.name!r} "
+                        f"({type(layer).__name__}); supported: {_SUPPORTED}")
+    return RULES[kind]
+
+
+_SUPPORTED = ", ".join(k.__name__ for k in RULES)
+
+
+# --------------------------------------------------------------------------- the layer graph
+def _node_of(t: Any) -> Any:
+    op, index, _ = t._keras_history
+    return op._inbound_nodes[index]
+
+
+class _ModelGraph:
+    """Every layer call (Keras ``Node``) the logits depend on, in topological order.
+
+    The logits are the output of the layer named ``logits`` when the model has one (called
+    once), else the model's single output. Tensors get string keys: the producing layer's
+    name, or ``name@call:output`` for a layer called several times in the graph or returning
+    several tensors.
+    """
+
+    def __init__(self, model: keras.Model):
+        try:
+            outputs, inputs = list(model.outputs), list(model.inputs)
+        except (AttributeError, ValueError, TypeError):
+            outputs = inputs = []
+        if not outputs or not inputs:
+            raise DareError(f"model {model.name!r} has no graph (build it on a keras.Input)")
+        self.model, self.inputs = model, inputs
+        named = [n for n in self._topological(outputs) if n.operation.name == LOGITS]
+        if len(named) == 1 and len(named[0].outputs) == 1:
+            self.logits_tensor = named[0].outputs[0]
+        elif len(outputs) == 1:
+            self.logits_tensor = outputs[0]
+        else:
+            raise DareError(f"model {model.name!r} has {len(outputs)} outputs and no layer "
+                            f"named {LOGITS!r}: slicing needs one logits output")
+        self.nodes = self._topological([self.logits_tensor])
+        calls: dict[int, int] = {}
+        for node in self.nodes:
+            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        self.key: dict[int, str] = {}     # id(KerasTensor) -> key
+        self.tensor: dict[str, Any] = {}  # key -> KerasTensor
+        self.producer: dict[str, Any] = {}
+        self.by_layer: dict[str, list[str]] = {}
+        for node in self.nodes:
+            op = node.operation
+            for i, t in enumerate(node.outputs):
+                key = op.name
+                if calls[id(op)] > 1 or len(node.outputs) > 1:
+                    key = f"{op.name}@{op._inbound_nodes.index(node)}:{i}"
+                self.key[id(t)], self.tensor[key], self.producer[key] = key, t, node
+                self.by_layer.setdefault(op.name, []).append(key)
+        self.logits = self.key[id(self.logits_tensor)]
+
+    @staticmethod
+    def _topological(outputs: Sequence[Any]) -> list:
+        """Post-order DFS from the nodes of ``outputs``: producers before consumers (no
+        recursion, so any depth)."""
+        order, seen = [], set()
+        stack = [(_node_of(t), False) for t in reversed(outputs)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((_node_of(t), False) for t in reversed(node.input_tensors))
+        return order
+
+    def inputs_of(self, node: Any) -> tuple[str, ...]:
+        return tuple(self.key[id(t)] for t in node.input_tensors)
+
+    def outputs_of(self, node: Any) -> tuple[str, ...]:
+        return tuple(self.key[id(t)] for t in node.outputs)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer call on the analysed part of the graph: ``output = layer(*inputs)``."""
+
+    layer: keras.layers.Layer
+    node: Any
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    graph: _ModelGraph
+    trace: dict[str, str]  # trace layer -> tensor key
+    steps: tuple[Step, ...]
+    frontier: tuple[str, ...]
+    needs: frozenset[str]
+    problems: tuple[str, ...]
+
+
+def _softmax(layer: Any) -> bool:
+    act = getattr(layer, "activation", None)
+    return (isinstance(layer, keras.layers.Softmax)
+            or getattr(act, "__name__", "") in ("softmax", "log_softmax"))
+
+
+def _plan(model: keras.Model, trace_layers: Sequence[str]) -> _Plan:
+    """The analysed part of ``model``'s graph and everything that stops the analysis."""
+    g = _ModelGraph(model)
+    problems: list[str] = []
+    if len(g.inputs) != 1:
+        problems.append(f"the model has {len(g.inputs)} inputs (slicing needs one)")
+    out_node = g.producer[g.logits]
+    softmax = _softmax(out_node.operation)
+    if softmax:
+        problems.append(f"the output layer {out_node.operation.name!r} applies a softmax "
+                        "(slicing needs logits: build the model without it; the loss can "
+                        "take logits)")
+    if len(g.logits_tensor.shape) != 2:
+        problems.append(f"the logits {g.logits!r} have shape {tuple(g.logits_tensor.shape)} "
+                        "(slicing needs (batch, classes))")
+    if not trace_layers:
+        problems.append("no layers to slice were given")
+    trace: dict[str, str] = {}
+    names = {layer.name for layer in model.layers} | {
+        t._keras_history.operation.name for t in g.inputs}
+    for name in trace_layers:
+        keys = g.by_layer.get(name, [])
+        if len(keys) == 1:
+            trace[name] = keys[0]
+        elif keys:
+            problems.append(f"trace layer {name!r} is called or outputs {len(keys)} times in "
+                            "the graph (slicing needs one tensor)")
+        elif name in names:
+            problems.append(f"trace layer {name!r} is not on a path to the logits "
+                            f"{g.logits!r}")
+        else:
+            problems.append(f"trace layer {name!r} is missing")
+    # Forward over the topological order: the calls that read a tensor downstream of a trace
+    # layer are exactly those between the trace layers and the logits (all reach the logits).
+    down = set(trace.values())
+    steps: list[Step] = []
+    unsupported = False
+    for node in g.nodes:
+        ins = g.inputs_of(node)
+        if node.is_input or not down.intersection(ins):
+            continue
+        layer = node.operation
+        steps.append(Step(layer, node, ins, g.outputs_of(node)[0]))
+        down.update(g.outputs_of(node))
+        why = _why_not(layer, node)
+        if why and not (softmax and node is out_node):  # said above
+            problems.append(f"layer {layer.name!r} ({type(layer).__name__}): {why}")
+            unsupported |= why.startswith("no contribution rule")
+    if unsupported:
+        problems.append(f"rules exist for {_SUPPORTED}")
+    made = {s.output for s in steps}
+    frontier = dict.fromkeys(k for k in (*[k for s in steps for k in s.inputs],
+                                         *trace.values(), g.logits) if k not in made)
+    return _Plan(g, trace, tuple(steps), tuple(frontier), frozenset(down), tuple(problems))
+
+
+def check_sliceable(model: keras.Model, trace_layers: Sequence[str]) -> None:
+    """Raise ``DareError`` (one line) naming every layer between ``trace_layers`` and the
+    logits that the contribution analysis cannot pass, and why, and every trace layer that is
+    missing or not on a path to the logits; return None when ``model`` can be sliced."""
+    _refuse(model, _plan(model, trace_layers).problems)
+
+
+def _refuse(model: keras.Model, problems: Sequence[str]) -> None:
+    if problems:
+        raise DareError(f"model {model.name!r} cannot be sliced: " + "; ".join(problems))
+
+
 @dataclass
-class Chain:
-    """The layers from the earliest sliced layer to ``logits`` of a sequential model.
+class Graph:
+    """The part of a model's layer graph that slicing walks.
 
-    ``layers[0]`` is the earliest sliced layer; ``head`` maps images to its output.
+    ``steps``: every layer call on a path from a trace layer to the logits, in topological
+    order; ``frontier``: the tensors those calls read that no step produces (the trace layers
+    nearest the input, and side inputs such as a residual shortcut from further back), which
+    ``head`` computes from the images; ``trace``: trace layer -> tensor key; ``needs``: the
+    tensors contributions flow to (downstream of a trace layer).
     """
 
     model: keras.Model
-    layers: list[keras.layers.Layer]
-    trace_layers: tuple[str, ...]
+    steps: tuple[Step, ...]
+    trace: dict[str, str]
+    logits: str
+    frontier: tuple[str, ...]
+    needs: frozenset[str]
+    tensors: dict[str, Any] = field(repr=False)
     head: keras.Model = field(repr=False)
 
     @classmethod
-    def of(cls, model: keras.Model, trace_layers: Sequence[str],
-           logits: str = LOGITS) -> Chain:
-        order = [layer.name for layer in model.layers]
-        missing = [n for n in (*trace_layers, logits) if n not in order]
-        if missing:
-            raise DareError(f"model {model.name} has no layer(s) {missing}")
-        first = min(order.index(n) for n in trace_layers)
-        layers = model.layers[first:order.index(logits) + 1]
-        for prev, layer in zip(layers, layers[1:], strict=False):
-            if layer.input is not prev.output:  # a branch or a skip connection
-                raise DareError(f"slicing needs a sequential chain; {layer.name!r} does not "
-                                f"take {prev.name!r}'s output (model {model.name})")
-            rule_for(layer)  # fail now on an unsupported layer, not half-way
-        head = keras.Model(model.inputs[0], layers[0].output)
-        return cls(model, layers, tuple(trace_layers), head)
+    def of(cls, model: keras.Model, trace_layers: Sequence[str]) -> Graph:
+        """The graph between ``trace_layers`` and the logits; ``check_sliceable`` first."""
+        plan = _plan(model, trace_layers)
+        _refuse(model, plan.problems)
+        g = plan.graph
+        tensors = {k: g.tensor[k] for k in (*plan.frontier, *(s.output for s in plan.steps))}
+        head = keras.Model(g.inputs[0], [g.tensor[k] for k in plan.frontier])
+        return cls(model, plan.steps, plan.trace, g.logits, plan.frontier, plan.needs, tensors,
+                   head)
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
-        """Outputs of every chain layer, ``[(B, ...)]`` (inference mode)."""
-        h = self.head(x, training=False)
-        outs = [h]
-        for layer in self.layers[1:]:
-            h = layer(h, training=False)
-            outs.append(h)
-        return [np.asarray(o) for o in outs]
+    @property
+    def trace_layers(self) -> tuple[str, ...]:
+        return tuple(self.trace)
 
-    def index(self, name: str) -> int:
-        return [layer.name for layer in self.layers].index(name)
+    @property
+    def num_classes(self) -> int:
+        return int(self.tensors[self.logits].shape[-1])
+
+    def units(self, name: str) -> int:
+        """Units of trace layer ``name`` (channels of a conv map)."""
+        return int(self.tensors[self.trace[name]].shape[-1])
+
+    def logits_model(self) -> keras.Model:
+        """``model`` itself when it outputs the logits only, else images -> logits."""
+        if [id(t) for t in self.model.outputs] == [id(self.tensors[self.logits])]:
+            return self.model
+        return keras.Model(self.model.inputs[0], self.tensors[self.logits])
+
+    def run(self, x: np.ndarray | tf.Tensor, tape: tf.GradientTape | None = None
+            ) -> dict[str, tf.Tensor]:
+        """Every tensor of the analysed part for images ``x`` ``(B, H, W, C)``, in inference
+        mode: ``head`` up to the frontier (watched by ``tape`` if given), then the steps."""
+        outs = self.head(x, training=False)
+        if len(self.frontier) == 1:
+            outs = [outs]
+        values: dict[int, tf.Tensor] = {}  # id(KerasTensor) -> value, as Node.fill_in wants
+        for key, value in zip(self.frontier, outs, strict=True):
+            if tape is not None:
+                tape.watch(value)
+            values[id(self.tensors[key])] = value
+        for step in self.steps:
+            args, kwargs = step.node.arguments.fill_in(values)
+            values[id(self.tensors[step.output])] = step.layer(*args, **{**kwargs,
+                                                                          "training": False})
+        return {key: values[id(t)] for key, t in self.tensors.items()}
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``{tensor key: (B, ...)}`` for every tensor of the analysed part."""
+        return {key: np.asarray(v) for key, v in self.run(x).items()}
 
 
-def contributions(chain: Chain, acts: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+def contributions(graph: Graph, acts: Mapping[str, np.ndarray], refs: Mapping[str, np.ndarray],
                   classes: np.ndarray, cfg: SliceConfig) -> dict[str, np.ndarray]:
     """NNSlicer's backward analysis for a batch (``mode="exact"``).
 
     Args:
-        chain: the model's chain; ``acts``: ``chain.forward(x)``; ``refs``: the reference
-            mean of each chain output, broadcastable to ``acts``; ``classes``: ``(B,)`` the
+        graph: the model's graph; ``acts``: ``graph.forward(x)``; ``refs``: the reference
+            mean of each of those tensors, broadcastable to ``acts``; ``classes``: ``(B,)`` the
             criterion class (logit) of each input.
     Returns:
         ``{trace layer: (B, *output shape)}`` integer-valued signed contributions.
     """
-    c = np.zeros(acts[-1].shape, dtype=np.float32)
-    c[np.arange(len(classes)), classes] = 1.0
-    out: dict[str, np.ndarray] = {}
-    for i in range(len(chain.layers) - 1, -1, -1):
-        layer = chain.layers[i]
-        if layer.name in chain.trace_layers:
-            out[layer.name] = c
-        if i == 0:
-            break
-        c = rule_for(layer)(layer, acts[i - 1], refs[i - 1], c, cfg)
-    return out
+    trace_keys = set(graph.trace.values())
+    c = {graph.logits: np.zeros(acts[graph.logits].shape, dtype=np.float32)}
+    c[graph.logits][np.arange(len(classes)), classes] = 1.0
+    for step in reversed(graph.steps):  # every consumer of a tensor comes before its producer
+        c_out = c.get(step.output)
+        if step.output not in trace_keys:
+            c.pop(step.output, None)  # complete now, and needed no more
+        if c_out is None or not c_out.any():
+            continue
+        c_in = rule_for(step.layer)(step.layer, [acts[k] for k in step.inputs],
+                                    [refs[k] for k in step.inputs], acts[step.output], c_out,
+                                    cfg)
+        for key, ci in zip(step.inputs, c_in, strict=True):
+            if key in graph.needs:  # a fan-out: the contributions of all consumers add up
+                c[key] = ci if key not in c else c[key] + ci
+    return {name: c[key] if key in c else np.zeros(acts[key].shape, np.float32)
+            for name, key in graph.trace.items()}
 
 
-def approx_contributions(chain: Chain, x: np.ndarray, refs: Sequence[np.ndarray],
+def approx_contributions(graph: Graph, x: np.ndarray, refs: Mapping[str, np.ndarray],
                          classes: np.ndarray, cfg: SliceConfig) -> dict[str, np.ndarray]:
     """Gradient x delta, ``(a - mean) * d logit_c / d a`` at each sliced layer ``(B, ...)``."""
-    idx = {name: chain.index(name) for name in chain.trace_layers}
     with tf.GradientTape() as tape:
-        h = chain.head(x, training=False)
-        tape.watch(h)
-        outs = [h]
-        for layer in chain.layers[1:]:
-            h = layer(h, training=False)
-            outs.append(h)
-        logit = tf.reduce_sum(h * tf.one_hot(classes, h.shape[-1]))
-    grads = tape.gradient(logit, [outs[i] for i in idx.values()])
-    return {name: (np.asarray(outs[i]) - refs[i]) * np.asarray(g)
-            for (name, i), g in zip(idx.items(), grads, strict=True)}
+        values = graph.run(x, tape)
+        out = values[graph.logits]
+        logit = tf.reduce_sum(out * tf.one_hot(classes, out.shape[-1]))
+    keys = list(graph.trace.values())
+    grads = tape.gradient(logit, [values[k] for k in keys],
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return {name: (np.asarray(values[k]) - refs[k]) * np.asarray(gr)
+            for (name, k), gr in zip(graph.trace.items(), grads, strict=True)}
 
 
-def _exact(chain, x, acts, refs, classes, cfg):
-    return contributions(chain, acts, refs, classes, cfg)
+def _exact(graph, x, acts, refs, classes, cfg):
+    return contributions(graph, acts, refs, classes, cfg)
 
 
-def _approx(chain, x, acts, refs, classes, cfg):
-    return approx_contributions(chain, x, refs, classes, cfg)
+def _approx(graph, x, acts, refs, classes, cfg):
+    return approx_contributions(graph, x, refs, classes, cfg)
 
 
 MODES: dict[str, Callable[..., dict[str, np.ndarray]]] = {"exact": _exact, "approx": _approx}
 
 
+# --------------------------------------------------------------------------- trace layers
+def _relu_output(layer: Any) -> bool:
+    """Whether ``layer``'s output is a ReLU's: a ReLU layer, or a built-in relu."""
+    if isinstance(layer, keras.layers.ReLU):
+        return True
+    return (isinstance(layer, (keras.layers.Activation, keras.layers.Dense, keras.layers.Conv2D))
+            and layer.activation is keras.activations.relu)
+
+
+def find_trace_layers(model: keras.Model) -> tuple[str, ...]:
+    """The layers to slice and trace in a functional or Sequential CNN, in topological order.
+
+    - The last conv block: the conv ReLU outputs ``(B, H, W, C)`` at the feature extractor's
+      final spatial resolution, i.e. after its last-but-one downsampling (the last one, a pool
+      or a global pool, ends the extractor). In a residual net (some of them follow an ``Add``)
+      only those: the outputs of the last stage's blocks.
+    - The hidden Dense ReLU outputs ``(B, units)`` (never the logits layer).
+
+    A ReLU output is a ``ReLU`` or ``Activation("relu")`` layer, or a ``Dense`` or ``Conv2D``
+    with a built-in relu. Only layers on a path to the logits count. Whether the analysis can
+    pass every layer after them is ``check_sliceable``'s question.
+    """
+    g = _ModelGraph(model)
+    logits_layer = g.producer[g.logits].operation
+    relus = [node for node in g.nodes
+             if not node.is_input and node.operation is not logits_layer
+             and _relu_output(node.operation) and len(g.by_layer[node.operation.name]) == 1]
+    conv = [n for n in relus if len(n.outputs[0].shape) == 4]
+    dense = [n for n in relus if len(n.outputs[0].shape) == 2]
+    if conv:
+        sizes = [n.outputs[0].shape[1:3] for n in conv]
+        if any(None in s for s in sizes):
+            raise DareError(f"model {model.name!r} has conv maps of unknown size; finding its "
+                            "last conv block needs a fixed input size")
+        last_size = min(h * w for h, w in sizes)
+        conv = [n for n, (h, w) in zip(conv, sizes, strict=True) if h * w == last_size]
+        after_add = [n for n in conv if isinstance(g.producer[g.inputs_of(n)[0]].operation,
+                                                   keras.layers.Add)]
+        conv = after_add or conv
+    chosen = {id(n) for n in (*conv, *dense)}
+    found = tuple(n.operation.name for n in relus if id(n) in chosen)
+    if not found:
+        raise DareError(f"model {model.name!r} has no ReLU outputs on the way to its logits "
+                        "to slice")
+    return found
+
+
+# --------------------------------------------------------------------------- aggregation
 def unit_scores(contrib: np.ndarray) -> np.ndarray:
     """``(B, units)``: |contribution| per neuron; conv maps ``(B, H, W, C)`` sum per channel."""
     a = np.abs(contrib)
@@ -399,46 +762,50 @@ def profiling_indices(model: keras.Model, x: np.ndarray, y: np.ndarray, num_clas
 def slice_model(model: keras.Model, x: np.ndarray, y: np.ndarray,
                 trace_layers: Sequence[str], cfg: SliceConfig,
                 log: Callable[[str], Any] | None = None) -> SliceResult:
-    """Per-class NNSlicer scores of ``trace_layers`` from ``x`` ``(N, H, W, C)``, ``y`` ``(N,)``."""
+    """Per-class NNSlicer scores of ``trace_layers`` from ``x`` ``(N, H, W, C)``, ``y`` ``(N,)``.
+
+    ``model``: any functional or Sequential CNN that ``check_sliceable`` accepts (checked
+    before any work). Returns scores ``{layer: (num_classes, units)}``.
+    """
     t0 = time.perf_counter()
-    chain = Chain.of(model, trace_layers)
-    num_classes = int(model.output.shape[-1])
-    picks = profiling_indices(model, x, y, num_classes, cfg.max_per_class, cfg.seed)
+    graph = Graph.of(model, trace_layers)
+    num_classes = graph.num_classes
+    picks = profiling_indices(graph.logits_model(), x, y, num_classes, cfg.max_per_class,
+                              cfg.seed)
     bs = cfg.batch_size
 
     def batches(idx):
         for i in range(0, len(idx), bs):
             yield x[idx[i:i + bs]]
 
-    # Pass 1: reference means of every chain output, per class (running sums, float64).
-    sums: list[list[np.ndarray] | None] = [None] * num_classes
+    # Pass 1: reference means of every analysed tensor, per class (running sums, float64).
+    sums: list[dict[str, np.ndarray] | None] = [None] * num_classes
     for c, idx in enumerate(picks):
         for xb in batches(idx):
-            acts = [a.sum(0, dtype=np.float64) for a in chain.forward(xb)]
-            sums[c] = acts if sums[c] is None else [s + a for s, a in zip(sums[c], acts,
-                                                                         strict=True)]
+            acts = {k: a.sum(0, dtype=np.float64) for k, a in graph.forward(xb).items()}
+            prev = sums[c]
+            sums[c] = acts if prev is None else {k: prev[k] + a for k, a in acts.items()}
     counts = np.array([len(i) for i in picks])
     if counts.sum() == 0:
         raise DareError("the model classifies none of the profiling images correctly")
-    class_means = [None if s is None else [a / n for a in s] for s, n in zip(sums, counts,
-                                                                            strict=True)]
-    present = [m for m in class_means if m is not None]
-    all_means = [sum(m[i] * n for m, n in zip(class_means, counts, strict=True) if m is not None)
-                 / counts.sum() for i in range(len(present[0]))]
+    class_means = [None if s is None else {k: a / n for k, a in s.items()}
+                   for s, n in zip(sums, counts, strict=True)]
+    all_means = {k: sum(m[k] * n for m, n in zip(class_means, counts, strict=True)
+                        if m is not None) / counts.sum()
+                 for k in graph.tensors}
 
     # Pass 2: backward analysis, aggregated per class.
-    scores = {n: np.zeros((num_classes, int(model.get_layer(n).output.shape[-1])))
-              for n in trace_layers}
+    scores = {n: np.zeros((num_classes, graph.units(n))) for n in graph.trace}
     analyse = MODES[cfg.mode]
     for c, idx in enumerate(picks):
         if not len(idx):
             continue
-        refs = [r.astype(np.float32) for r in (class_means[c] if cfg.reference == "class"
-                                               else all_means)]
+        means = class_means[c] if cfg.reference == "class" else all_means
+        refs = {k: r.astype(np.float32) for k, r in means.items()}
         for xb in batches(idx):
-            acts = chain.forward(xb)
-            contrib = analyse(chain, xb, acts, refs, np.full(len(xb), c), cfg)
-            for name in trace_layers:
+            acts = graph.forward(xb)
+            contrib = analyse(graph, xb, acts, refs, np.full(len(xb), c), cfg)
+            for name in graph.trace:
                 scores[name][c] += unit_scores(contrib[name]).sum(0)
         if log is not None:
             log(f"class {c}: {len(idx)} images, {time.perf_counter() - t0:.1f}s")
@@ -456,11 +823,11 @@ def mask_jaccard(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
 
 
 def run_slicing(run: Run, cfg: SliceConfig, log: Callable[[str], Any] = print) -> SliceResult:
-    """Slice the run's final model on its ``x_train``; write ``slice/`` (masks, scores, summary)."""
-    arch = get_architecture(run.model_name)
+    """Slice the run's final model on its ``x_train`` at ``run.trace_layers``; write
+    ``slice/`` (masks, scores, summary)."""
     model = run.load_model()
     data = run.data()
-    result = slice_model(model, data.x_train, data.y_train, arch.trace_layers, cfg, log=log)
+    result = slice_model(model, data.x_train, data.y_train, run.trace_layers, cfg, log=log)
     masks = result.masks()
     io.write_npz(run.file(layout.MASKS), **masks)
     io.write_npz(run.file(layout.SCORES), **{k: np.asarray(v) for k, v in result.scores.items()},

@@ -1,25 +1,34 @@
-"""NNSlicer contribution analysis: hand-computed cases, the vectorised rules against a plain
-per-neuron transcription of NNSlicer's algorithm, ``per`` monotonicity, and the script."""
+"""NNSlicer contribution analysis on chains: hand-computed cases, the vectorised rules against a
+plain per-neuron transcription of NNSlicer's algorithm, ``per`` monotonicity, the options and
+the script. Graphs with branches (Add, global pooling, built-in activations, ResNet) and the
+layer checks are in ``test_slicing_dag.py``."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import call_script, run_script
 
 from darekit import io, layout
+from darekit.config import add_options, from_args
 from darekit.errors import DareError
 from darekit.models import get_architecture
 from darekit.rundir import Run
 from darekit.slicing import (
-    Chain,
+    RULES,
+    Graph,
     SliceConfig,
     approx_contributions,
     contributions,
     cover_mask,
+    run_slicing,
     select_synapses,
     slice_model,
     unit_scores,
@@ -48,13 +57,15 @@ X = np.array([[1.0, 0.75]], dtype=np.float32)
 
 def _hand_case(eps: float):
     model = _dense_net(W1, W2)
-    chain = Chain.of(model, ("r0", "h_relu"))
-    acts = chain.forward(X)  # [r0, h, h_relu, logits]
+    graph = Graph.of(model, ("r0", "h_relu"))
+    acts = graph.forward(X)
+    assert list(acts) == ["r0", "h", "h_relu", "logits"]  # the chain, in order
     dx_h_relu = np.array([0.5, -1.0, 2.0], dtype=np.float32)
-    refs = [acts[0][0] - np.array([1.0, -0.25], dtype=np.float32),  # dx0 = [1, -0.25]
-            acts[1][0], acts[2][0] - dx_h_relu, acts[3][0]]
+    refs = {"r0": acts["r0"][0] - np.array([1.0, -0.25], dtype=np.float32),  # dx0 = [1, -0.25]
+            "h": acts["h"][0], "h_relu": acts["h_relu"][0] - dx_h_relu,
+            "logits": acts["logits"][0]}
     cfg = SliceConfig(eps=eps, bar=0.01)
-    return contributions(chain, acts, refs, np.array([0]), cfg)
+    return contributions(graph, acts, refs, np.array([0]), cfg)
 
 
 def test_hand_computed_contributions_eps_0_2():
@@ -84,10 +95,11 @@ def test_hand_computed_contributions_eps_0_1_keeps_the_negative_synapse():
 
 def test_approx_mode_is_gradient_times_delta():
     model = _dense_net(W1, W2)
-    chain = Chain.of(model, ("h_relu",))
-    acts = chain.forward(X)
-    refs = [acts[0][0] - np.array([0.5, -1.0, 2.0], np.float32), acts[1][0]]
-    got = approx_contributions(chain, X, refs, np.array([0]), SliceConfig(mode="approx"))
+    graph = Graph.of(model, ("h_relu",))
+    acts = graph.forward(X)
+    refs = {"h_relu": acts["h_relu"][0] - np.array([0.5, -1.0, 2.0], np.float32),
+            "logits": acts["logits"][0]}
+    got = approx_contributions(graph, X, refs, np.array([0]), SliceConfig(mode="approx"))
     np.testing.assert_allclose(got["h_relu"], [[3.0, 1.0, -0.5]], rtol=1e-6)
 
 
@@ -156,17 +168,18 @@ def _conv_backward_reference(layer, x_in, ref, c_out, eps, bar):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_rule_matches_the_per_neuron_algorithm(stride):
     model = _conv_net(stride)
-    chain = Chain.of(model, ("r0", "r1"))
+    graph = Graph.of(model, ("r0", "r1"))
     rng = np.random.default_rng(7)
     x = rng.uniform(-1, 1, size=(3, 6, 6, 2)).astype("float32")
-    acts = chain.forward(x)
-    refs = [a.mean(0) for a in acts]
+    acts = graph.forward(x)
+    refs = {k: a.mean(0) for k, a in acts.items()}
     cfg = SliceConfig(eps=0.2)
-    got = contributions(chain, acts, refs, np.array([0, 1, 3]), cfg)
+    got = contributions(graph, acts, refs, np.array([0, 1, 3]), cfg)
     conv = model.get_layer("conv")
     assert np.abs(got["r1"]).sum() > 0
     for b in range(3):  # conv's input is r0's output; r1's contributions pass BN unchanged
-        want = _conv_backward_reference(conv, acts[0][b], refs[0], got["r1"][b], 0.2, 0.01)
+        want = _conv_backward_reference(conv, acts["r0"][b], refs["r0"], got["r1"][b], 0.2,
+                                        0.01)
         np.testing.assert_array_equal(got["r0"][b], want)
         assert np.abs(want).sum() > 0
 
@@ -177,19 +190,19 @@ def test_maxpool_copies_to_every_tied_maximum_and_flatten_keeps_mass():
     x = keras.layers.MaxPooling2D(2, name="pool")(x)
     x = keras.layers.Flatten(name="flat")(x)
     model = keras.Model(x_in, keras.layers.Dense(2, name="logits")(x))
-    chain = Chain.of(model, ("r", "flat"))
+    graph = Graph.of(model, ("r", "flat"))
     img = np.zeros((1, 4, 4, 1), np.float32)
     img[0, 0, 1, 0] = 5.0  # window (0,0): one maximum; the other windows are all-zero ties
-    acts = chain.forward(img)
-    from darekit.slicing import RULES
+    acts = graph.forward(img)
     pool = model.get_layer("pool")
     c_out = np.array([[[[1.0], [-1.0]], [[1.0], [2.0]]]], np.float32)
-    c_in = RULES[keras.layers.MaxPooling2D](pool, acts[0], 0.0, c_out, SliceConfig())
+    (c_in,) = RULES[keras.layers.MaxPooling2D](pool, [acts["r"]], [0.0], acts["pool"], c_out,
+                                               SliceConfig())
     assert c_in[0, 0, 1, 0] == 1.0 and c_in[0, :2, :2].sum() == 1.0
     np.testing.assert_array_equal(c_in[0, :2, 2:, 0], -np.ones((2, 2)))  # 4 tied maxima
     np.testing.assert_array_equal(c_in[0, 2:, 2:, 0], 2 * np.ones((2, 2)))
-    flat = RULES[keras.layers.Flatten](model.get_layer("flat"), c_out, 0.0,
-                                       c_out.reshape(1, -1), SliceConfig())
+    (flat,) = RULES[keras.layers.Flatten](model.get_layer("flat"), [c_out], [0.0], None,
+                                          c_out.reshape(1, -1), SliceConfig())
     assert np.abs(flat).sum() == np.abs(c_out).sum()
 
 
@@ -206,25 +219,45 @@ def test_per_outside_unit_interval_is_refused(per):
         SliceConfig(per=per)
 
 
-def test_non_sequential_model_is_refused():
-    x_in = keras.Input((4,), name="image")
-    a = keras.layers.Dense(4, name="a")(x_in)
-    r = keras.layers.ReLU(name="r")(a)
-    s = keras.layers.Add(name="add")([a, r])
-    model = keras.Model(x_in, keras.layers.Dense(2, name="logits")(s))
-    with pytest.raises(DareError, match="sequential chain|does not support"):
-        Chain.of(model, ("r",))
+def test_every_option_has_help_and_parses_into_the_config():
+    p = argparse.ArgumentParser()
+    names = add_options(p, SliceConfig)
+    assert names == [f.name for f in fields(SliceConfig)]
+    assert all(f.metadata["help"] for f in fields(SliceConfig))
+    cfg = from_args(SliceConfig, p.parse_args(["--per", "0.5", "--mode", "approx",
+                                                "--max-per-class", "7", "--relu", "gate"]))
+    assert cfg == SliceConfig(per=0.5, mode="approx", max_per_class=7, relu="gate")
+    assert from_args(SliceConfig, p.parse_args([])) == SliceConfig()
+    with pytest.raises(SystemExit):  # choices come from MODES
+        p.parse_args(["--mode", "fast"])
+
+
+def test_run_slicing_slices_the_runs_own_layers(tmp_path):
+    # The run names a registered architecture whose layers the model does not have: the run's
+    # own layers (Run.trace_layers) are sliced, not get_architecture(model_name).trace_layers.
+    model = get_architecture("smallcnn").build((12, 12, 1), 3)
+    x = np.random.default_rng(0).uniform(size=(6, 12, 12, 1)).astype("float32")
+    y = np.argmax(model.predict(x, verbose=0), -1)
+    run = SimpleNamespace(model_name="vgg16", trace_layers=("fc1_relu",), path=tmp_path,
+                          load_model=lambda: model,
+                          data=lambda: SimpleNamespace(x_train=x, y_train=y),
+                          file=lambda rel: Path(tmp_path) / rel)
+    result = run_slicing(run, SliceConfig(max_per_class=2, mode="approx"), log=lambda s: None)
+    masks = io.read_npz(tmp_path / layout.MASKS)
+    assert set(masks) == set(result.scores) == {"fc1_relu"}
+    assert masks["fc1_relu"].shape == (3, 128)
+    assert io.read_json(tmp_path / layout.SLICE_SUMMARY)["slice"]["mode"] == "approx"
 
 
 @pytest.fixture(scope="module")
 def fm_slice(fm_run):
     run = Run.open(fm_run)
     data = run.data()
-    layers = get_architecture(run.model_name).trace_layers
     cfg = SliceConfig(max_per_class=15)
-    return slice_model(run.load_model(), data.x_train, data.y_train, layers, cfg)
+    return slice_model(run.load_model(), data.x_train, data.y_train, run.trace_layers, cfg)
 
 
+@pytest.mark.slow
 def test_slice_grows_with_per(fm_slice):
     pers = [0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0]
     masks = [fm_slice.masks(p) for p in pers]
@@ -237,17 +270,18 @@ def test_slice_grows_with_per(fm_slice):
         np.testing.assert_array_equal(masks[-1][name], fm_slice.scores[name] > 0)
 
 
+@pytest.mark.slow
 def test_exact_and_approx_slices_agree_roughly(fm_run, fm_slice):
     from darekit.slicing import mask_jaccard
     run = Run.open(fm_run)
     data = run.data()
-    layers = get_architecture(run.model_name).trace_layers
-    approx = slice_model(run.load_model(), data.x_train, data.y_train, layers,
+    approx = slice_model(run.load_model(), data.x_train, data.y_train, run.trace_layers,
                          SliceConfig(max_per_class=15, mode="approx"))
     jac = mask_jaccard(fm_slice.masks(), approx.masks())
     assert all(0.3 < j <= 1.0 for j in jac.values()), jac
 
 
+@pytest.mark.slow
 def test_nnslicer_script_writes_masks(fm_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(fm_run, run_dir)
@@ -266,7 +300,6 @@ def test_nnslicer_script_writes_masks(fm_run, tmp_path):
 
 
 def test_nnslicer_script_refuses_bad_per_before_work(tmp_path):
-    proc = run_script("dare/nnslicer.py", "--run-dir", tmp_path / "none", "--per", "0",
-                      check=False)
+    proc = call_script("dare/nnslicer.py", "--run-dir", tmp_path / "none", "--per", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --per must lie in (0, 1]; received 0.0"

@@ -6,12 +6,19 @@ identity (or ``1x1 conv (stride) -> BN`` when the shape changes), ``Add``, ``ReL
 average pooling and ``Dense(num_classes)`` (logits). Convs have no bias. Fashion-MNIST is padded
 to 32x32.
 
-Parameters on (32, 32, 3), 10 classes: 11,183,568 in Keras (BN moving statistics and the 6
-normalisation statistics included); the PyTorch reference counts 11,173,962 without them.
+Parameters on (32, 32, 3), 10 classes: 11,183,569 in Keras (BN moving statistics and the 7
+normalisation weights -- mean, variance, count -- included); the PyTorch reference counts
+11,173,962 without them.
 
 Layer names: ``stem_conv/bn/relu``; ``stage{s}_block{b}_conv1/bn1/relu1/conv2/bn2``,
 ``stage{s}_block{b}_shortcut_conv/bn``, ``stage{s}_block{b}_add``, ``stage{s}_block{b}_out``
 (the block's final ReLU); ``avg_pool``; ``logits``.
+
+Sliced and traced layers: the outputs of the last stage's blocks, ``stage4_block1_out`` and
+``stage4_block2_out`` (512 channels at 4x4), what ``darekit.slicing.find_trace_layers`` finds
+(the ReLU after each ``Add`` at the final resolution; no hidden Dense layer). The contribution
+analysis walks the residual graph: ``Add``, ``GlobalAveragePooling2D`` and the strided convs
+all have exact rules.
 """
 
 from __future__ import annotations
@@ -78,7 +85,8 @@ RESNET_TRAIN_DEFAULTS = {
 register(Architecture(
     name="resnet18",
     builder=build_resnet18,
-    trace_layers=("stage4_block1_out", "stage4_block2_out"),
+    trace_layers=tuple(f"stage{len(STAGES)}_block{b}_out"
+                       for b in range(1, BLOCKS_PER_STAGE + 1)),
     dare_lr=1e-3,
     train_defaults=dict(RESNET_TRAIN_DEFAULTS),
     paper_params=11_173_962,
