@@ -6,6 +6,8 @@ Paths are relative to the run directory (``Run.file(rel)`` makes them absolute):
     split.npz                      the 50/50 split as indices into the original training set
     train_log.csv                  loss and accuracy per epoch (train and held-out)
     history/epoch_NNN.weights.h5   weights after NNN complete epochs (1-based)
+    architecture.keras             the model of an imported run (its architecture is no
+                                   registry entry; train/import_history.py)
     state/                         optimizer state and progress, for --resume
     models/<name>.weights.h5       derived classifiers (dare, dare-s, adv-fgsm, ...)
     models/<name>.keras            the same, standalone (loads without darekit)
@@ -16,6 +18,7 @@ Paths are relative to the run directory (``Run.file(rel)`` makes them absolute):
     logs/                          adversarial fine-tuning logs
     tune/                          learning-rate selection (candidates and the choice)
     eval/                          evaluation: per (model, attack) parts, results, report, plots
+    tensorboard/<stage>/           TensorBoard logs (with --tensorboard)
     reproduce.json                 what reproduce.py ran
 """
 
@@ -34,6 +37,9 @@ MODELS = "models"
 WEIGHTS_SUFFIX = ".weights.h5"
 EXPORT_SUFFIX = ".keras"
 EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.weights\.h5$")
+ARCHITECTURE = "architecture.keras"
+"""An imported run's classifier (logits output) as a standalone Keras file: ``Run.build_model``
+rebuilds the architecture from it instead of the registry."""
 
 # Stage 1: slicing
 SLICE_DIR = "slice"
@@ -64,6 +70,7 @@ REPORT = f"{EVAL_DIR}/report.md"
 PLOT_ROBUST = f"{EVAL_DIR}/robust_accuracy.png"
 PLOT_ER = f"{EVAL_DIR}/er.png"
 
+TENSORBOARD = "tensorboard"
 REPRODUCE = "reproduce.json"
 PGD_AT_RUN = "pgd-at-run"
 
@@ -113,6 +120,11 @@ def adv_parts(split: str, attack: str) -> str:
 def eval_part(model: str, attack: str) -> str:
     """``eval/parts/<model>__<attack>``, without suffix (``.json`` + ``.npz``)."""
     return f"{EVAL_PARTS}/{model}__{attack}"
+
+
+def tensorboard(stage: str) -> str:
+    """``tensorboard/<stage>/``: TensorBoard logs of a training or fine-tuning stage."""
+    return f"{TENSORBOARD}/{stage}"
 
 
 def tune_file(method: str) -> str:

@@ -1,19 +1,25 @@
 """A run directory: one trained model with its history, and everything later stages add.
 
 Its layout is declared in ``darekit.layout``; every file is written atomically. Models are
-stored as weights (the architecture is rebuilt from ``config.json``, so a weights file that
-does not belong to the run fails loudly instead of loading silently) and, for derived
-classifiers, also as standalone ``.keras`` files that load without darekit.
+stored as weights (the architecture is rebuilt from ``config.json``, or from the run's
+``architecture.keras`` for an imported run, so a weights file that does not belong to the run
+fails loudly instead of loading silently) and, for derived classifiers, also as standalone
+``.keras`` files that load with a plain Keras, without darekit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
 import numpy as np
 
@@ -21,6 +27,7 @@ from darekit import io, layout
 from darekit.data import Dataset, Split, balanced_subset, load_dataset
 from darekit.errors import DareError
 from darekit.models import get_architecture
+from darekit.models.common import STD_FLOOR
 from darekit.provenance import provenance
 
 
@@ -28,7 +35,13 @@ def weights_view(model: keras.Model) -> keras.Model:
     """An uncompiled model over the same layers: its ``save_weights`` writes the layers'
     weights only. (A compiled model's file also carries the optimizer's slots, which doubles
     a history of SGD-with-momentum checkpoints; resume state is saved apart.)"""
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    return keras.Model(_single(model.inputs), _single(model.outputs), name=model.name)
+
+
+def _single(tensors: list) -> Any:
+    """A lone tensor rather than a list of one: a model saved as ``.keras`` then takes a
+    plain array (Keras warns when a list-structured model is called with an array)."""
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 @dataclass(frozen=True)
@@ -161,9 +174,28 @@ class Run:
         return self.path / layout.epoch_file(epoch)
 
     # ------------------------------------------------------------------ models
+    @property
+    def architecture_file(self) -> Path | None:
+        """The file an imported run's architecture is rebuilt from (None: the registry's)."""
+        rel = self.train_config.get("architecture_file")
+        return self.path / rel if rel else None
+
+    @functools.cached_property
+    def _architecture_json(self) -> str:
+        """An imported run's architecture (Keras JSON), read once from its ``.keras`` file."""
+        path = self.architecture_file
+        if path is None or not path.is_file():
+            raise DareError(f"run {self.path} is imported but its architecture file {path} "
+                            "is missing")
+        return keras.saving.load_model(path, compile=False).to_json()
+
     def build_model(self) -> keras.Model:
-        """A freshly initialised model of the run's architecture and input shape."""
+        """A freshly initialised, uncompiled model of the run's architecture and input shape:
+        the registry's, or for an imported run the one in its ``architecture.keras``."""
         cfg = self.train_config
+        if self.architecture_file is not None:
+            # From the JSON config: the weights in the file are not read again for every model.
+            return keras.models.model_from_json(self._architecture_json)
         arch = get_architecture(cfg["model"])
         return arch.build(tuple(cfg["input_shape"]), int(cfg["num_classes"]))
 
@@ -175,7 +207,8 @@ class Run:
                 # Keras only *warns* when a file lacks some layers and leaves them freshly
                 # initialised; a partial load must fail like a shape mismatch does.
                 warnings.simplefilter("error", UserWarning)
-                model.load_weights(str(path))
+                with _legacy_upgraded(path) as readable:
+                    model.load_weights(str(readable))
         except Exception as e:  # h5py/Keras raise many types on a shape or layer mismatch
             raise DareError(f"model file {path} does not match run {self.path} "
                             f"({self.model_name} on {self.dataset_name}): "
@@ -196,11 +229,27 @@ class Run:
     def model_path(self, name: str) -> Path:
         return self.path / layout.model_file(name)
 
+    def export_path(self, name: str) -> Path:
+        return self.path / layout.export_file(name)
+
     def save_model(self, model: keras.Model, name: str) -> Path:
-        """Save a derived classifier (``dare``, ``adv-fgsm``...) into ``models/``, atomically."""
-        path = self.model_path(name)
-        io.save_with(path, weights_view(model).save_weights)
+        """Save a derived classifier (``dare``, ``adv-fgsm``...) into ``models/``, atomically:
+        its weights (``<name>.weights.h5``, what the pipeline loads) and the standalone
+        ``<name>.keras`` (architecture and weights, no optimizer; opens with a plain
+        ``keras.saving.load_model``, without darekit). Returns the weights file."""
+        path, export = self.model_path(name), self.export_path(name)
+        view = weights_view(model)
+        # The export goes first out of the way: a kill between the two writes leaves a missing
+        # .keras beside the new weights, never a stale one that disagrees with them.
+        export.unlink(missing_ok=True)
+        io.save_with(path, view.save_weights)
+        io.save_with(export, view.save)
         return path
+
+    def remove_model(self, name: str) -> None:
+        """Delete a derived classifier's files (weights and export), e.g. after a divergence."""
+        self.model_path(name).unlink(missing_ok=True)
+        self.export_path(name).unlink(missing_ok=True)
 
     def weights_path(self, name: str) -> Path:
         """The weights file of ``name``; ``original`` is the last epoch of the history."""
@@ -233,9 +282,44 @@ class Run:
         return out
 
     def named_models(self) -> list[str]:
-        """``original`` plus every derived classifier saved in ``models/``."""
+        """``original`` plus every derived classifier saved in ``models/`` (its weights file;
+        the standalone ``.keras`` exports beside them are not listed twice)."""
         folder = self.path / layout.MODELS
         suffix = layout.WEIGHTS_SUFFIX
         names = sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")
                        if io.TMP_MARK not in p.name) if folder.is_dir() else []
         return ["original", *names]
+
+
+# ---------------------------------------------------------------------------- legacy files
+_LEGACY_NORM = "layers/channel_normalization"  # darekit's former custom layer (mean, std)
+_NORM = "layers/normalization"  # keras.layers.Normalization (mean, variance, count)
+
+
+@contextlib.contextmanager
+def _legacy_upgraded(path: Path) -> Iterator[Path]:
+    """``path``, or a temporary upgraded copy when it is a weights file written before the
+    models used Keras' ``Normalization`` (``channel_normalization`` with ``mean``, ``std``):
+    runs trained then keep loading. The file itself is never changed."""
+    if not path.name.endswith(layout.WEIGHTS_SUFFIX) or not _is_legacy(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "r+") as f:
+            f.move(_LEGACY_NORM, _NORM)
+            vars_ = f[f"{_NORM}/vars"]
+            std = np.maximum(np.asarray(vars_["1"], "float64"), STD_FLOOR)
+            del vars_["1"]
+            vars_["1"] = (std * std).astype("float32")
+            vars_["2"] = np.int64(0)
+        yield copy
+
+
+def _is_legacy(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return _LEGACY_NORM in f and _NORM not in f
+    except OSError:  # not HDF5: let Keras report it
+        return False

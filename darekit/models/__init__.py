@@ -4,8 +4,10 @@ the names of the layers that slicing and activation traces use.
 Every model built here
 - takes pixels in [0, 1], NHWC;
 - zero-pads 28x28 inputs to 32x32 where the architecture needs it (layer ``pad``), then
-  normalises per channel (layer ``normalize``, statistics of ``x_train``);
-- outputs **logits** from a Dense layer named ``logits`` (softmax lives only in the loss).
+  normalises per channel (layer ``normalize``, Keras' ``Normalization``, statistics of
+  ``x_train``);
+- outputs **logits** from a Dense layer named ``logits`` (softmax lives only in the loss);
+- is made of Keras' built-in layers only, so its ``.keras`` file loads without darekit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import keras
 import numpy as np
 
 from darekit.errors import DareError
-from darekit.models.common import ChannelNormalization
+from darekit.models.common import NORMALIZE, set_normalization
 
 LOGITS = "logits"
 """Name of the final Dense layer of every registered architecture (outputs logits)."""
@@ -49,12 +51,11 @@ class Architecture:
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int,
               mean: np.ndarray | None = None, std: np.ndarray | None = None) -> keras.Model:
-        """Build the model; ``mean``/``std`` (per channel) set the normalisation layer."""
+        """Build the model; ``mean``/``std`` ``(C,)`` (per channel) set the normalisation layer
+        (default: mean 0, std 1, as before any statistics are loaded)."""
         model = self.builder(tuple(input_shape), int(num_classes))
         if mean is not None or std is not None:
-            norm = model.get_layer("normalize")
-            assert isinstance(norm, ChannelNormalization)
-            norm.set_stats(mean, std)
+            set_normalization(model.get_layer(NORMALIZE), mean, std)
         return model
 
 

@@ -5,9 +5,10 @@ Follows the first author's earlier Keras VGG (research/dare-paper.md section 9.2
 after the fifth pool the 1x1x512 map is flattened and fed to two ``Dense(4096)`` -> ``ReLU`` ->
 ``Dropout(0.5)`` layers, then ``Dense(num_classes)`` (logits). The graph is a strict chain.
 
-Parameters on (32, 32, 3), 10 classes (Keras counts BN moving statistics and the 6
-normalisation statistics too): VGG16 33,650,896 (paper 33.6M), VGG19 38,964,432 (paper 39.0M).
-Fashion-MNIST (padded) differs only by conv1's input channels: 33,649,740 and 38,963,276.
+Parameters on (32, 32, 3), 10 classes (Keras counts BN moving statistics and the 7
+normalisation weights -- mean, variance, count -- too): VGG16 33,650,897 (paper 33.6M), VGG19
+38,964,433 (paper 39.0M). Fashion-MNIST (padded) differs only by conv1's input channels:
+33,649,741 and 38,963,277.
 """
 
 from __future__ import annotations
