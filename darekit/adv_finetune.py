@@ -18,12 +18,10 @@ import numpy as np
 from darekit import layout
 from darekit.advsets import load_adversarial
 from darekit.attacks import get_spec
+from darekit.config import option
 from darekit.errors import DareError
 from darekit.finetune import FinetuneConfig, finetune_ce
 from darekit.rundir import Run
-
-ADV_FT_LR = 1e-3
-"""Default learning rate for every architecture (see ``AdvFinetuneConfig``)."""
 
 
 @dataclass(frozen=True)
@@ -31,17 +29,15 @@ class AdvFinetuneConfig:
     """Options of ``adv/fintune_adv.py``.
 
     ``finetune``: epochs and batch size as DARE-SL (``FinetuneConfig``: 5 epochs, batch 32,
-    plain SGD). Its learning rate defaults to ``ADV_FT_LR`` = 1e-3 for every architecture, not
-    to the architecture's ``dare_lr``: VGG's 1e-7 is tuned for DARE's *summed* regression loss
-    (method.md, stage 3), and with a mean cross-entropy it leaves the weights where they are
-    (``max_rel_change`` in the log shows it), which would make the baseline a no-op.
-    ``mix_clean``: add ``round(mix_clean * N)`` clean originals of the N adversarial images
-    (a seeded sample), e.g. 1.0 trains on every adversarial image and its clean original.
+    plain SGD, lr 1e-3 for every architecture, not the architecture's ``dare_lr``: VGG's 1e-7
+    is tuned for DARE's regression loss, and with a mean cross-entropy it leaves the weights
+    where they are, which would make the baseline a no-op).
     """
 
-    finetune: FinetuneConfig = dataclasses.field(
-        default_factory=lambda: FinetuneConfig(lr=ADV_FT_LR))
-    mix_clean: float = 0.0
+    finetune: FinetuneConfig = option(default_factory=FinetuneConfig, cli=False)
+    mix_clean: float = option(0.0, "fraction of clean originals of the adversarial images to "
+                              "add (a seeded sample; 1.0: every adversarial image and its "
+                              "original)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.mix_clean <= 1:
@@ -106,7 +102,7 @@ def adv_finetune(run: Run, attack: str, cfg: AdvFinetuneConfig, *,
     status, rows = adversarial_finetune(model, x, y, cfg, eval_sets=run.eval_sets(),
                                         log_path=log, verbose=verbose, extra={"attack": attack})
     if status == "diverged":
-        run.model_path(name).unlink(missing_ok=True)
+        run.remove_model(name)
     else:
         meta["model"] = str(run.save_model(model, name))
     run.write_config(layout.finetune_summary(name), "adv_finetune", {**meta, "status": status})

@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from darekit import io, layout, training
-from darekit.data import dataset_spec
+from darekit.config import option
+from darekit.data import DATASETS, dataset_spec
 from darekit.errors import DareError
 from darekit.paths import runs_dir
 from darekit.rundir import Run
@@ -42,6 +43,9 @@ MADRY_TRAIN = {
     "gamma": 0.1, "augment": "crop-flip", "warmup_epochs": 0,
 }
 """The seed's recipe, for every architecture (it replaces the architecture's train_defaults)."""
+ADV_TRAIN_DEFAULTS = {"model": "resnet18", "dataset": "cifar10",
+                      "run_dir": "runs/<dataset>-<model>-pgdat-s<seed>"}
+"""The seed's model and data; the run goes apart from the standard run of that model."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,11 @@ class PGDConfig:
     """L-inf PGD: ``steps`` signed-gradient steps of ``step_size`` (default ``eps / 4``: the
     seed's 2/255 at 8/255), projected on the eps-ball and [0, 1], from a uniform random start."""
 
-    eps: float
-    steps: int = 7
-    step_size: float | None = None
-    random_start: bool = True
+    eps: float = option(help="L-inf training budget", default_text=lambda: ", ".join(
+        f"{n} {s.linf_budget:.4g}" for n, s in sorted(DATASETS.items())))
+    steps: int = option(7, "PGD steps")
+    step_size: float | None = option(None, "PGD step", default_text="eps / 4 (2/255 at 8/255)")
+    random_start: bool = option(True, "uniform random start in the eps-ball")
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -185,8 +190,8 @@ class AdvTrainConfig:
     pgd: PGDConfig
 
     @classmethod
-    def resolve(cls, model: str = "resnet18", dataset: str = "cifar10",
-                **given: Any) -> AdvTrainConfig:
+    def resolve(cls, model: str = ADV_TRAIN_DEFAULTS["model"],
+                dataset: str = ADV_TRAIN_DEFAULTS["dataset"], **given: Any) -> AdvTrainConfig:
         """``MADRY_TRAIN`` < given options (``None``: unset); PGD fields go to ``PGDConfig``."""
         pgd = {k: given.pop(k) for k in PGD_FIELDS if k in given}
         values: dict[str, Any] = dict(MADRY_TRAIN)
@@ -204,13 +209,14 @@ class AdvTrainConfig:
         """The config of a command line; ``--resume`` of an existing run starts from its saved
         config (its training options and attack cannot change)."""
         given = {k: v for k, v in given.items() if v is not None}
-        given.setdefault("run_dir", str(default_adv_run_dir(
-            given.get("dataset", "cifar10"), given.get("model", "resnet18"),
-            given.get("seed", 0))))
+        model = given.get("model", ADV_TRAIN_DEFAULTS["model"])
+        dataset = given.get("dataset", ADV_TRAIN_DEFAULTS["dataset"])
+        given.setdefault("run_dir", str(default_adv_run_dir(dataset, model,
+                                                            given.get("seed", 0))))
         path = given["run_dir"]
         saved_file = Path(path) / layout.CONFIG
         if not (given.get("resume") and saved_file.is_file()):
-            return cls.resolve(given.pop("model", "resnet18"), given.pop("dataset", "cifar10"),
+            return cls.resolve(given.pop("model", model), given.pop("dataset", dataset),
                                **given)
         saved = io.read_json(saved_file)["train"]
         if "pgd" not in saved:

@@ -12,7 +12,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from darekit.attacks import (
     parse_attacks,
     run_attack,
 )
-from darekit.data import balanced_subset
+from darekit.config import option
+from darekit.data import balanced_subset, budgets_text
 from darekit.errors import DareError
 from darekit.rundir import Run
 
@@ -47,15 +48,22 @@ class GenerateConfig:
     """Options of ``adv/generate_adv.py``. Images are a seeded class-balanced sample
     (``data.balanced_subset``) of ``n`` images of the split (all of them if it has fewer)."""
 
-    attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    split: str = "train"
-    n: int = 5000
-    eps: float | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    seed: int | None = None  # None: the run's seed
-    batch_size: int = 256
-    chunk_size: int = 1000
-    progress: bool = True
+    attacks: tuple[str, ...] = option(
+        DEFAULT_ATTACKS, "attacks, comma-separated; 'all' = the paper's five",
+        parse=lambda s: parse_attacks([s]), flag="--attack", metavar="NAMES")
+    split: str = option("train", "images to attack: the run's x_train (as the DARE artifact "
+                        "does) or the test set", choices=SPLITS)
+    n: int = option(5000, "number of images, a seeded class-balanced sample (all of them if "
+                    "the split has fewer)")
+    eps: float | None = option(None, "budget in each attack's norm",
+                               default_text=lambda: budgets_text() + "; C&W and DeepFool "
+                               "unclipped")
+    params: Mapping[str, Any] = option(default_factory=dict, cli=False)
+    seed: int | None = option(None, "image sample and random starts",
+                              default_text="the run's seed")
+    batch_size: int = option(256, "images per attack call")
+    chunk_size: int = option(1000, "images per resumable chunk")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attacks", parse_attacks(self.attacks))

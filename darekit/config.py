@@ -64,6 +64,13 @@ def _tuple_parser(item: type) -> Callable[[str], tuple]:
     return parse
 
 
+def _dest(f: dataclasses.Field) -> str:
+    """The argparse destination of a field: its name, or its own flag's (two configs of one
+    command may share a field name, e.g. ``attacks``, under different flags)."""
+    own = f.metadata.get("flag")
+    return own.lstrip("-").replace("-", "_") if own else f.name
+
+
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` with its ``DareError`` turned into argparse's one-line usage error."""
     from darekit.errors import DareError
@@ -77,13 +84,7 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _default_shown(f: dataclasses.Field) -> str:
-    text = f.metadata.get("default_text")
-    if text is not None:
-        return _text(text)
-    if f.default is dataclasses.MISSING:
-        return ""
-    d = f.default
+def _shown(d: Any) -> str:
     if isinstance(d, bool):
         return "on" if d else "off"
     if isinstance(d, tuple):
@@ -93,9 +94,23 @@ def _default_shown(f: dataclasses.Field) -> str:
     return f"{d:g}" if isinstance(d, float) else str(d)
 
 
+def _default_shown(f: dataclasses.Field, architecture: str | None = None) -> str:
+    text = f.metadata.get("default_text")
+    if isinstance(text, _ByArchitecture):
+        return text(None if f.default is dataclasses.MISSING else f.default, architecture)
+    if text is not None:
+        return _text(text)
+    if f.default is dataclasses.MISSING:
+        return ""
+    return _shown(f.default)
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = (),
-                only: Sequence[str] | None = None) -> list[str]:
-    """Add one option per command-line field of the dataclass ``cls``; return their names."""
+                only: Sequence[str] | None = None, architecture: str | None = None,
+                defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """Add one option per command-line field of the dataclass ``cls``; return their names.
+    ``architecture``: show per-architecture defaults for that one only; ``defaults``: the
+    values a command applies instead of the fields' (e.g. a recipe), shown as the defaults."""
     hints = typing.get_type_hints(cls)
     names = []
     for f in dataclasses.fields(cls):
@@ -104,9 +119,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence
                                                               and f.name not in only):
             continue
         tp, _ = _base(hints[f.name])
-        kw: dict[str, Any] = {"default": None, "dest": f.name}
+        kw: dict[str, Any] = {"default": None, "dest": _dest(f)}
         help_text = _text(meta.get("help"))
-        shown = _default_shown(f)
+        shown = _default_shown(f, architecture)
+        if defaults and f.name in defaults:
+            shown = _shown(defaults[f.name])
         kw["help"] = f"{help_text} (default: {shown})" if shown else help_text
         choices = meta.get("choices")
         if meta.get("parse") is not None:
@@ -126,11 +143,47 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence
     return names
 
 
+class _ByArchitecture:
+    """A ``default_text`` for a field whose default each architecture may set: "by
+    architecture: vgg16 200, alexnet 100, ..." (the field's own default for the others)."""
+
+    def __init__(self, name: str, attribute: str):
+        self.name, self.attribute = name, attribute
+
+    def __call__(self, fallback: Any = None, only: str | None = None) -> str:
+        from darekit.models import ARCHITECTURES
+
+        def shown(v: Any) -> str:
+            if isinstance(v, tuple):
+                return ",".join(map(str, v)) if v else "none"
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        values = {}
+        for arch in ARCHITECTURES.values():
+            source = getattr(arch, self.attribute)
+            v = source.get(self.name, fallback) if isinstance(source, Mapping) else source
+            if v is not None and only in (None, arch.name):
+                values[arch.name] = shown(v)
+        if only is not None:
+            return values.get(only, "none")
+        return "by architecture: " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def by_architecture(name: str, attribute: str = "train_defaults") -> _ByArchitecture:
+    """``default_text`` of a field set per architecture: ``attribute`` is ``train_defaults``
+    (a dict of field values) or an attribute of ``Architecture`` (e.g. ``dare_lr``)."""
+    return _ByArchitecture(name, attribute)
+
+
 def given(args: argparse.Namespace | Mapping[str, Any], cls: type) -> dict[str, Any]:
     """The options of ``cls`` that the user typed (not ``None``)."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names and v is not None}
+    out = {}
+    for f in dataclasses.fields(cls):
+        dest = _dest(f) if isinstance(args, argparse.Namespace) else f.name
+        if values.get(dest) is not None:
+            out[f.name] = values[dest]
+    return out
 
 
 def from_args(cls: type, args: argparse.Namespace | Mapping[str, Any], **fixed: Any) -> Any:

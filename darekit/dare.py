@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from darekit import io, layout
+from darekit.config import by_architecture, option
 from darekit.errors import DareError
 from darekit.finetune import EpochLog, EvalSets, FinetuneConfig, finetune_ce
 from darekit.mining import MineResult, load_mined
@@ -58,28 +59,27 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 @dataclass(frozen=True)
 class DareConfig:
-    """Options of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``.
+    """Options of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``."""
 
-    Attributes:
-        variant: a key of ``VARIANTS``.
-        lr: SGD learning rate (None: the architecture's ``dare_lr``).
-        epochs, batch_size: fine-tuning length and batch.
-        seed: seeds shuffling (and dropout).
-        min_rel_change: below this largest relative weight change, the weights "did not move".
-        verbose: Keras progress output.
-    """
-
-    variant: str = "dare"
-    lr: float | None = None
-    epochs: int = 5
-    batch_size: int = 32
-    seed: int = 0
-    min_rel_change: float = 1e-6
-    verbose: int = 2
+    variant: str = option("dare", cli=False)  # a key of VARIANTS: each script fixes its own
+    lr: float | None = option(None, "SGD learning rate",
+                              default_text=by_architecture("dare_lr", "dare_lr"))
+    epochs: int = option(5, "fine-tuning epochs")
+    batch_size: int = option(32, "batch size")
+    loss: str = option("mean", "DARE and DARE-S: the squared error over a sample's slice is "
+                       "averaged (mean: the usable lr does not depend on the model or the "
+                       "slice size) or summed (sum: the first reading of the method)",
+                       choices=lambda: list(LOSSES))
+    seed: int = option(0, "seeds shuffling and dropout")
+    min_rel_change: float = option(1e-6, "largest relative weight change below which the "
+                                   "weights 'did not move' (the run is then not a result)")
+    verbose: int = option(2, "Keras progress output", choices=(0, 1, 2))
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise DareError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
+        if self.loss not in LOSSES:
+            raise DareError(f"--loss must be one of {list(LOSSES)}; received {self.loss!r}")
         if self.lr is not None and not self.lr > 0:
             raise DareError(f"--lr must be positive; received {self.lr}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -93,7 +93,8 @@ class DareConfig:
 
 # --------------------------------------------------------------------------- loss and masks
 def masked_sse(y_true, y_pred):
-    """Per-sample squared error over the masked units: ``sum(mask * (pred - target)^2, -1)``.
+    """Per-sample squared error summed over the masked units:
+    ``sum(mask * (pred - target)^2, -1)``.
 
     ``y_true`` ``(B, 2U)`` packs the target ``[:, :U]`` and the 0/1 mask ``[:, U:]``
     (Keras passes one array per output); ``y_pred`` ``(B, U)``. Keras averages it over the batch
@@ -102,6 +103,20 @@ def masked_sse(y_true, y_pred):
     u = keras.ops.shape(y_pred)[-1]
     target, mask = y_true[:, :u], y_true[:, u:]
     return keras.ops.sum(mask * keras.ops.square(y_pred - target), axis=-1)
+
+
+def masked_mse(y_true, y_pred):
+    """Per-sample squared error averaged over the masked units (``masked_sse`` divided by the
+    slice size of the sample's class): the loss scale, hence the usable learning rate, no
+    longer grows with the layer width and the slice (DARE-S, whose "slice" is every unit, saw
+    a loss up to 3x DARE's and diverged at a rate DARE survived)."""
+    u = keras.ops.shape(y_pred)[-1]
+    mask = y_true[:, u:]
+    return masked_sse(y_true, y_pred) / keras.ops.maximum(keras.ops.sum(mask, axis=-1), 1.0)
+
+
+LOSSES = {"mean": masked_mse, "sum": masked_sse}
+"""How DARE's regression loss reduces the squared error over a sample's slice, per layer."""
 
 
 def sample_masks(masks: Mapping[str, np.ndarray] | None, y: np.ndarray,
@@ -128,11 +143,14 @@ def load_masks(run: Run, units: Mapping[str, int], num_classes: int) -> dict[str
 
 
 def regression_loss(r: keras.Model, x: np.ndarray, targets: Sequence[np.ndarray],
-                    masks: Sequence[np.ndarray]) -> float:
-    """DARE's loss on a batch, computed directly: mean over x of the masked SSE of all layers."""
+                    masks: Sequence[np.ndarray], reduction: str = "mean") -> float:
+    """DARE's loss on a batch, computed directly: mean over x of the per-layer masked squared
+    error (averaged over, or summed over, each sample's slice), summed over the layers."""
     outs = r(x, training=False)
     outs = outs if isinstance(outs, list | tuple) else [outs]
-    per_sample = sum(np.sum(m * (np.asarray(o) - t) ** 2, axis=-1)
+    scale = (lambda m: np.maximum(m.sum(-1), 1.0)) if reduction == "mean" else \
+        (lambda m: 1.0)
+    per_sample = sum(np.sum(m * (np.asarray(o) - t) ** 2, axis=-1) / scale(m)
                      for o, t, m in zip(outs, targets, masks, strict=True))
     return float(np.mean(per_sample))
 
@@ -184,7 +202,7 @@ def tune_regression(model: keras.Model, mined: MineResult, masks: Mapping[str, n
     bn = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
     for la in bn:
         la.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
-    r.compile(optimizer=keras.optimizers.SGD(cfg.lr), loss=[masked_sse] * len(layers))
+    r.compile(optimizer=keras.optimizers.SGD(cfg.lr), loss=[LOSSES[cfg.loss]] * len(layers))
     log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
     try:
         r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
@@ -294,7 +312,7 @@ def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> Da
                   eval_sets=run.eval_sets(), log_path=log_path)
     summary = {**result.summary, "log": str(log_path)}
     if result.status == DIVERGED:
-        run.model_path(variant.name).unlink(missing_ok=True)
+        run.remove_model(variant.name)
         run.write_config(layout.dare_summary(variant.name), "dare",
                          {**asdict(cfg), "summary": summary})
         log(f"{variant.name} diverged at lr {cfg.lr:g} (the weights became NaN/inf; log "

@@ -297,6 +297,12 @@ def dataset_spec(name: str) -> DatasetSpec:
         raise DareError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}") from None
 
 
+def budgets_text() -> str:
+    """The datasets' budgets in words (for help texts): ``cifar10 L-inf 0.03137 / L2 0.5, ...``."""
+    return "the dataset's: " + ", ".join(f"{n} L-inf {s.linf_budget:.4g} / L2 {s.l2_budget:g}"
+                                         for n, s in sorted(DATASETS.items()))
+
+
 # --------------------------------------------------------------------------- loading
 
 

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from darekit import io
+from darekit.config import option
 from darekit.errors import DareError
 
 EvalSets = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -103,12 +104,12 @@ class EpochLog(keras.callbacks.Callback):
 class FinetuneConfig:
     """Cross-entropy fine-tuning options (DARE-SL and adversarial fine-tuning share them)."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    seed: int = 0
+    epochs: int = option(5, "fine-tuning epochs")
+    batch_size: int = option(32, "batch size")
+    lr: float = option(1e-3, "learning rate")
+    optimizer: str = option("sgd", "optimizer", choices=lambda: sorted(FT_OPTIMIZERS))
+    momentum: float = option(0.0, "SGD momentum")
+    seed: int = option(0, "seeds shuffling and dropout")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

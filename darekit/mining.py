@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from darekit import io, layout
-from darekit.data import dataset_spec
+from darekit.config import option
+from darekit.data import DATASETS, dataset_spec
 from darekit.ddmin import Subset, ddmin_batched
 from darekit.errors import DareError
 from darekit.rundir import Run
@@ -41,28 +42,21 @@ ORDERS = ("gain", "grid")
 
 @dataclass(frozen=True)
 class MineConfig:
-    """Options of ``dare/get_ats.py``.
+    """Options of ``dare/get_ats.py`` (Stage 2)."""
 
-    Attributes:
-        eps_mine: L-inf size of the historical models' directions (None: the dataset's
-            ``DatasetSpec.mining_eps``, 1.5x its L-inf budget).
-        patch: side of the square pixel patches ddmin works on.
-        max_inputs: mine only a seeded subset of N ``x_validation`` inputs (quick runs).
-        anchors: add every collected input's clean x with the same target.
-        batch_size: images per model call.
-        seed: seeds the shares of the history and the ``max_inputs`` subset.
-        order: how each input's patches are listed to ddmin: ``"gain"`` (decreasing
-            first-order loss increase of M_E, ``sum(delta * grad_x CE)`` over the patch) or
-            ``"grid"`` (row-major). Same 1-minimal guarantee; fewer queries with "gain".
-    """
-
-    eps_mine: float | None = None
-    patch: int = 4
-    max_inputs: int | None = None
-    anchors: bool = True
-    batch_size: int = 256
-    seed: int = 0
-    order: str = "gain"
+    eps_mine: float | None = option(
+        None, "L-inf size of the historical models' directions",
+        default_text=lambda: "1.5x the dataset's L-inf budget: " + ", ".join(
+            f"{name} {spec.mining_eps:.4g}" for name, spec in sorted(DATASETS.items())))
+    patch: int = option(4, "side of the square pixel patches ddmin works on")
+    max_inputs: int | None = option(None, "mine a seeded subset of N x_validation inputs",
+                                    default_text="all of x_validation")
+    anchors: bool = option(True, "add each collected input's clean x with the same target")
+    batch_size: int = option(256, "images per model call")
+    seed: int = option(0, "seeds the history's shares of x_validation and the subset")
+    order: str = option("gain", "order of the patches given to ddmin: by the final model's "
+                        "first-order loss gain, or row-major (same 1-minimal guarantee; "
+                        "fewer queries with gain)", choices=ORDERS)
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:

@@ -19,9 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 from darekit import io, layout, rundir
-from darekit.data import Split, balanced_subset, dataset_spec, load_dataset, make_split
+from darekit.config import by_architecture, option
+from darekit.data import DATASETS, Split, balanced_subset, dataset_spec, load_dataset, make_split
 from darekit.errors import DareError
-from darekit.models import get_architecture
+from darekit.models import ARCHITECTURES, get_architecture
 from darekit.models.common import channel_stats
 from darekit.paths import default_run_dir, mark_latest
 from darekit.rundir import Run, RunData
@@ -36,29 +37,44 @@ class TrainConfig:
     """Every training option. Field defaults are generic; ``resolve`` applies the
     architecture's ``train_defaults`` (the schedules that reach the paper's accuracy)."""
 
-    model: str = "vgg16"
-    dataset: str = "cifar10"
-    epochs: int = 200
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    milestones: tuple[int, ...] = (60, 120, 160)
-    gamma: float = 0.2
-    warmup_epochs: int = 0
-    augment: str = "crop-flip"
-    seed: int = 0
-    subset: int | None = None
-    test_subset: int | None = None
-    holdout: str = "test"
-    jit_compile: bool = False
-    deterministic: bool = False
-    run_dir: str | None = None
-    resume: bool = False
-    verbose: int = 1
+    model: str = option("vgg16", "architecture", choices=lambda: sorted(ARCHITECTURES))
+    dataset: str = option("cifar10", "dataset", choices=lambda: sorted(DATASETS))
+    epochs: int = option(200, "number of epochs", default_text=by_architecture("epochs"))
+    batch_size: int = option(128, "batch size", default_text=by_architecture("batch_size"))
+    optimizer: str = option("sgd", "optimizer", choices=lambda: list(OPTIMIZERS),
+                            default_text=by_architecture("optimizer"))
+    lr: float = option(0.05, "initial learning rate", default_text=by_architecture("lr"))
+    momentum: float = option(0.9, "SGD momentum", default_text=by_architecture("momentum"))
+    nesterov: bool = option(True, "Nesterov momentum", default_text=by_architecture("nesterov"))
+    weight_decay: float = option(5e-4, "weight decay",
+                                 default_text=by_architecture("weight_decay"))
+    schedule: str = option("step", "learning-rate schedule", choices=lambda: list(SCHEDULES),
+                           default_text=by_architecture("schedule"))
+    milestones: tuple[int, ...] = option((60, 120, 160), "epochs where a step schedule "
+                                         "decays, comma-separated",
+                                         default_text=by_architecture("milestones"))
+    gamma: float = option(0.2, "lr multiplier at each milestone",
+                          default_text=by_architecture("gamma"))
+    warmup_epochs: int = option(0, "linear lr warm-up epochs",
+                                default_text=by_architecture("warmup_epochs"))
+    augment: str = option("crop-flip", "data augmentation (pad-4 random crop, horizontal "
+                          "flip; datasets where flips change the meaning, SVHN, drop the flip)",
+                          choices=AUGMENTATIONS, default_text=by_architecture("augment"))
+    seed: int = option(0, "the run's one seed: split, initialisation, batches, augmentation")
+    subset: int | None = option(None, "use a seeded class-balanced subset of N training "
+                                "images before the 50/50 split (quick runs)",
+                                default_text="the whole training set")
+    test_subset: int | None = option(None, "evaluate each epoch on a class-balanced subset "
+                                     "of N test images", default_text="all test images")
+    holdout: str = option("test", "held-out set logged after every epoch", choices=HOLDOUTS)
+    jit_compile: bool = option(False, "compile the train step with XLA")
+    deterministic: bool = option(False, "deterministic TF ops: the same seed repeats bit "
+                                 "for bit (slower)")
+    tensorboard: bool = option(False, "write TensorBoard logs into <run-dir>/tensorboard/")
+    run_dir: str | None = option(None, "run directory",
+                                 default_text="runs/<dataset>-<model>-s<seed>")
+    resume: bool = option(False, "continue the run in --run-dir from its last complete epoch")
+    verbose: int = option(1, "Keras progress output", choices=(0, 1, 2))
 
     def __post_init__(self) -> None:
         get_architecture(self.model)  # raises on an unknown name
@@ -320,7 +336,10 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
         print(f"{run.path}: already trained for {start} epochs; nothing to do")
         return run
 
-    extra = callbacks(x_hold, y_hold) if callable(callbacks) else callbacks
+    extra = list(callbacks(x_hold, y_hold) if callable(callbacks) else callbacks)
+    if cfg.tensorboard:
+        log_dir = str(run.file(layout.tensorboard("train")))
+        extra.append(keras.callbacks.TensorBoard(log_dir=log_dir))
     ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
     model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
               validation_data=(x_hold, y_hold), validation_batch_size=max(256, cfg.batch_size),

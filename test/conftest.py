@@ -30,6 +30,35 @@ def run_script(script: str, *args: str, check: bool = True, timeout: float = 900
     return proc
 
 
+def call_script(script: str, *args: str, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run an entry point's ``main(argv)`` in this process (no interpreter start, no TensorFlow
+    import: fast), capturing what it writes to ``sys.stdout``/``sys.stderr`` and its exit code
+    (argparse's ``SystemExit`` included)."""
+    import contextlib
+    import io
+    import runpy
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        main = runpy.run_path(str(ROOT / script), run_name="entry_point")["main"]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = int(main([str(a) for a in args]) or 0)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(),
+                                       err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def fm_run(tmp_path_factory) -> Path:
     """A ``smallcnn`` trained for 4 epochs on 1000 real Fashion-MNIST images (history kept).
@@ -43,3 +72,11 @@ def fm_run(tmp_path_factory) -> Path:
                               test_subset=1000, run_dir=str(path), verbose=0, seed=0)
     train(cfg)
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the real-data run is a ``slow`` test (the fast tier, ``pytest -m
+    "not slow"``, runs on tiny untrained models only)."""
+    for item in items:
+        if "fm_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_script
+from conftest import call_script
 
 from darekit import attacks as A
 from darekit import io
@@ -114,12 +114,12 @@ def test_adversarial_training_beats_standard_training(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--eps", "-1"], "--eps must be a positive number"),
-    (["--model", "smallcnn", "--steps", "0"], "expected a positive integer"),
+    (["--model", "smallcnn", "--steps", "0"], "--steps must be a positive integer"),
     (["--resume"], "nothing to resume"),
 ])
 def test_adv_training_cli_rejects_bad_options(tmp_path, args, message):
-    p = run_script("adv/adv_training.py", "--dataset", "fashion_mnist", "--run-dir",
-                   tmp_path / "r", *args, check=False)
+    p = call_script("adv/adv_training.py", "--dataset", "fashion_mnist", "--run-dir",
+                    tmp_path / "r", *args)
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "r").exists()

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import call_script, run_script
 
 from darekit import advsets as S
 from darekit import attacks as A
@@ -208,8 +208,7 @@ def test_generate_cli_rejects_bad_options(adv_run, args, message):
 
 
 def test_generate_cli_rejects_missing_run(tmp_path):
-    p = run_script("adv/generate_adv.py", "--run-dir", tmp_path / "none", "--attack", "fgsm",
-                   check=False)
+    p = call_script("adv/generate_adv.py", "--run-dir", tmp_path / "none", "--attack", "fgsm")
     assert p.returncode == 2 and "no run at" in one_error_line(p.stderr)
     assert not (tmp_path / "none").exists()
 

@@ -8,13 +8,14 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import call_script, run_script
 
 from darekit import dare as dare_mod
 from darekit import io, layout
 from darekit.dare import (
     VARIANTS,
     DareConfig,
+    masked_mse,
     masked_sse,
     regression_loss,
     run_dare,
@@ -42,6 +43,15 @@ def test_masked_loss_equals_hand_computation():
     np.testing.assert_allclose(per1, [1.25, 1.25])
     np.testing.assert_allclose(per2, [1.0, 5.0])
     np.testing.assert_allclose(np.mean(per1 + per2), (2.25 + 6.25) / 2)
+    # The default reduction averages over each sample's slice: sample 0 has 2 of 3 units in
+    # layer 1 and 1 of 2 in layer 2, sample 1 has 2 of 3 and 2 of 2.
+    mean1 = np.asarray(masked_mse(np.concatenate([t1, m1], 1), o1))
+    mean2 = np.asarray(masked_mse(np.concatenate([t2, m2], 1), o2))
+    np.testing.assert_allclose(mean1, [1.25 / 2, 1.25 / 2])
+    np.testing.assert_allclose(mean2, [1.0 / 1, 5.0 / 2])
+    # An empty slice contributes 0, not NaN.
+    empty = np.asarray(masked_mse(np.concatenate([t1, np.zeros_like(m1)], 1), o1))
+    np.testing.assert_array_equal(empty, [0.0, 0.0])
 
 
 def test_compiled_regression_loss_is_the_masked_sse_averaged_over_the_batch():
@@ -59,7 +69,13 @@ def test_compiled_regression_loss_is_the_masked_sse_averaged_over_the_batch():
     acts = keras.Model(x_in, [r, h])(x)
     hand = np.mean(np.sum(masks[0] * (np.asarray(acts[0]).mean((1, 2)) - targets[0]) ** 2, 1)
                    + np.sum(masks[1] * (np.asarray(acts[1]) - targets[1]) ** 2, 1))
-    assert regression_loss(reg, x, targets, masks) == pytest.approx(hand, rel=1e-5)
+    assert regression_loss(reg, x, targets, masks, "sum") == pytest.approx(hand, rel=1e-5)
+    hand_mean = np.mean(
+        np.sum(masks[0] * (np.asarray(acts[0]).mean((1, 2)) - targets[0]) ** 2, 1)
+        / np.maximum(masks[0].sum(1), 1)
+        + np.sum(masks[1] * (np.asarray(acts[1]) - targets[1]) ** 2, 1)
+        / np.maximum(masks[1].sum(1), 1))
+    assert regression_loss(reg, x, targets, masks) == pytest.approx(hand_mean, rel=1e-5)
     reg.compile(optimizer="sgd", loss=[masked_sse] * 2)
     y_true = [np.concatenate([t, m], 1) for t, m in zip(targets, masks, strict=True)]
     got = reg.evaluate(x, y_true, batch_size=6, verbose=0, return_dict=True)["loss"]
@@ -179,7 +195,7 @@ def test_dare_sl_never_builds_the_regression_model(chain_run, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--lr", "-1"], "error: --lr must be positive; received -1.0"),
-    (["--epochs", "0"], "expected a positive integer"),
+    (["--epochs", "0"], "error: --epochs and --batch-size must be positive"),
 ])
 def test_invalid_options_fail_before_any_work(chain_run, args, message):
     mtime = (chain_run / "history").stat().st_mtime
@@ -189,16 +205,32 @@ def test_invalid_options_fail_before_any_work(chain_run, args, message):
     assert (chain_run / "history").stat().st_mtime == mtime
 
 
-def test_dare_needs_mined_data_and_a_slice(fm_run, chain_run, tmp_path):
-    run_dir = tmp_path / "bare"
-    shutil.copytree(fm_run, run_dir)
-    proc = run_script("dare/dare-s.py", "--run-dir", run_dir, check=False)
-    assert proc.returncode == 2 and "run dare/get_ats.py" in proc.stderr
-    shutil.copytree(chain_run / "ats", run_dir / "ats")
-    proc = run_script("dare/dare.py", "--run-dir", run_dir, check=False)
-    assert proc.returncode == 2 and "run dare/nnslicer.py" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (run_dir / "models").exists()
+@pytest.mark.slow
+def test_the_artifacts_two_commands_work_as_typed(tmp_path):
+    """``python train/train.py --model ...`` then ``python dare/dare.py --lr ...`` with no
+    run directory: dare.py finds the latest run, runs the missing Stages 1 and 2 with their
+    defaults, and saves the DARE model."""
+    env = {"DAREKIT_RUNS": str(tmp_path / "runs")}
+    run_script("train/train.py", "--model", "smallcnn", "--dataset", "fashion_mnist",
+               "--subset", "400", "--epochs", "2", "--verbose", "0", env=env)
+    assert (tmp_path / "runs" / "latest").is_symlink()
+    proc = run_script("dare/dare.py", "--lr", "1e-3", "--epochs", "1", "--verbose", "0",
+                      env=env)
+    run_dir = tmp_path / "runs" / "fashion_mnist-smallcnn-s0"
+    assert f"using run {run_dir}" in proc.stdout
+    assert "running Stage 1" in proc.stdout and "running Stage 2" in proc.stdout
+    run = Run.open(run_dir)
+    assert run.model_path("dare").is_file() and run.file(layout.MASKS).is_file()
+
+
+def test_stage_scripts_without_a_run_say_what_to_do(tmp_path):
+    env = {"DAREKIT_RUNS": str(tmp_path / "none")}
+    for script in ("dare/dare.py", "dare/nnslicer.py", "dare/get_ats.py", "dare/test.py",
+                   "adv/generate_adv.py"):
+        proc = call_script(script, env=env)
+        assert proc.returncode == 2, script
+        assert "no trained run under" in proc.stderr and "train/train.py" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_divergence_is_recorded_not_a_result(chain_run):

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import call_script, run_script
 
 from darekit import io, layout
 from darekit.errors import DareError
@@ -144,7 +144,7 @@ def test_get_ats_refuses_a_run_without_history(tmp_path):
     run_dir = tmp_path / "untrained"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"train": {"model": "smallcnn"}}')
-    proc = run_script("dare/get_ats.py", "--run-dir", run_dir, check=False)
+    proc = call_script("dare/get_ats.py", "--run-dir", run_dir)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: run ") and "no training history" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import run_script
+from conftest import call_script
 
 from darekit import io, reproduce
 from darekit.adv_finetune import AdvFinetuneConfig
@@ -38,6 +38,7 @@ def test_profiles_are_complete():
         assert p.doc and isinstance(p.evaluate, EvalConfig)
 
 
+@pytest.mark.slow
 def test_reproduce_resumes_after_an_interruption_and_skips_finished_stages(tmp_path,
                                                                           monkeypatch):
     study = Study(dataset="fashion_mnist", model="smallcnn", profile=TINY,
@@ -84,9 +85,9 @@ def test_reproduce_resumes_after_an_interruption_and_skips_finished_stages(tmp_p
 
 
 def test_cli_rejects_bad_options():
-    proc = run_script("reproduce.py", "--profile", "huge", check=False)
+    proc = call_script("reproduce.py", "--profile", "huge")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
-    proc = run_script("reproduce.py", "--attack", "nope", check=False)
+    proc = call_script("reproduce.py", "--attack", "nope")
     assert proc.returncode == 2 and "unknown attack" in proc.stderr
 
 

@@ -11,7 +11,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import call_script, run_script
 
 from darekit import io, layout
 from darekit.errors import DareError
@@ -64,14 +64,14 @@ def test_invalid_config_is_rejected(options, message):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--epochs", "0"], "--epochs: expected a positive integer"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--model", "lenet"], "invalid choice"),
     (["--dataset", "mnist"], "invalid choice"),
 ])
 def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
-    proc = run_script("train/train.py", "--model", "smallcnn", "--dataset", "fashion_mnist",
-                      "--run-dir", tmp_path / "r", *args, check=False)
+    proc = call_script("train/train.py", "--model", "smallcnn", "--dataset", "fashion_mnist",
+                       "--run-dir", tmp_path / "r", *args)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and message in err[0], proc.stderr
@@ -80,9 +80,8 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
 
 
 def test_missing_dataset_names_files_and_folder(tmp_path):
-    proc = run_script("train/train.py", "--dataset", "cifar10", "--run-dir", tmp_path / "r",
-                      check=False, env={"DAREKIT_DATA": str(tmp_path / "empty"),
-                                        "DAREKIT_OFFLINE": "1"})
+    proc = call_script("train/train.py", "--dataset", "cifar10", "--run-dir", tmp_path / "r",
+                       env={"DAREKIT_DATA": str(tmp_path / "empty"), "DAREKIT_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data_batch_1" in proc.stderr and str(tmp_path / "empty") in proc.stderr
 
@@ -127,6 +126,7 @@ def test_resume_cannot_change_identity(fm_run):
         TrainConfig.from_options({"run_dir": str(fm_run), "resume": True, "seed": 5})
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path):
     """Kill -9 mid-training: no corrupt file is left, and --resume finishes the run."""
     rd = tmp_path / "killed"

@@ -12,7 +12,7 @@ from darekit.cli.train import train_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return train_main(argv, prog="train/alexnet.py", models=None, model="alexnet")
+    return train_main(argv, prog="train/alexnet.py", model="alexnet")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root: see README
 
 from darekit.cli.train import train_main  # noqa: E402
-from darekit.models import ARCHITECTURES  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return train_main(argv, prog="train/train.py", models=sorted(ARCHITECTURES))
+    return train_main(argv, prog="train/train.py")
 
 
 if __name__ == "__main__":
