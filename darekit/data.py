@@ -89,7 +89,8 @@ class DatasetSpec:
     @property
     def mining_eps(self) -> float:
         """L-inf size of the historical models' directions in Stage 2."""
-        return self.MINING_FACTOR * self.linf_budget
+        # rounded: 1.5 * 0.1 is 0.15000000000000002, and the recorded config should say 0.15
+        return round(self.MINING_FACTOR * self.linf_budget, 12)
 
 
 # --------------------------------------------------------------------------- file readers

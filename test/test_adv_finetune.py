@@ -36,7 +36,7 @@ def test_fgsm_baseline_is_more_robust_to_fgsm(ft_run):
     assert rows[0]["max_rel_change"] == 0 and rows[-1]["max_rel_change"] > 0.01
     assert len(io.read_csv(ft_run.file("logs/adv-fgsm.csv"))) == 6
     cfg = io.read_json(ft_run.file("logs/adv-fgsm.json"))["adv_finetune"]
-    assert cfg["status"] == "done" and cfg["n_adversarial"] == 1000 and cfg["lr"] == 1e-3
+    assert cfg["status"] == "ok" and cfg["n_adversarial"] == 1000 and cfg["lr"] == 1e-3
     assert cfg["batch_size"] == 32 and cfg["adv_file_config"]["attack"] == "fgsm"
     saved = ft_run.load_named("adv-fgsm")
     d = ft_run.data()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -23,8 +24,9 @@ MIN_SUCCESS = {"fgsm": 0.3, "pgd": 0.6, "bim": 0.55, "l2pgd": 0.45, "cw": 0.95, 
 
 
 def one_error_line(stderr: str) -> str:
-    """The single ``error: ...`` line of a failed command (TensorFlow may log other lines)."""
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    """The single ``error: ...`` line of a failed command (argparse prefixes it with the
+    script's name; TensorFlow may log other lines)."""
+    errors = [line for line in stderr.splitlines() if re.match(r"(\S+: )?error: ", line)]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     return errors[0]
 
