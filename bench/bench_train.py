@@ -1,31 +1,83 @@
 """Training throughput: ``darekit.training.train`` (what ``train/train.py`` runs, with its
 per-epoch history, optimizer state, log and progress files) against a bare ``model.fit`` of the
-same model on the same data, measured side by side in one process.
+same model on the same data, measured side by side in one process, for each speed option.
 
     python bench/bench_train.py --model alexnet --n 8000 --epochs 4 --repeats 2
+    python bench/bench_train.py --variants train,devices,bf16    # a selection
 
-Both sides: same architecture, optimizer, batch size and data (the run's ``x_train``), no
-augmentation, the same-sized held-out evaluation after every epoch. Images/s are taken over
-epochs 2..E (epoch 1 includes graph tracing), from the start of epoch 2 to the end of
-training, so every epoch's checkpoint writing is inside. The sides alternate and the medians
-are compared. Ratio = ours / bare; the goal is >= 0.97.
+Variants (each a ``train()`` run; ratio = its images/s over the bare fit's):
+
+- ``train``: the defaults (float32, one device, no augmentation): the checkpointing overhead;
+- ``devices``: ``--devices CPU:0,CPU:1``, data-parallel ``MirroredStrategy`` over two logical
+  CPU devices of the same cores (what the strategy costs: all-reduces, synchronised batch norm,
+  split batches; on a CPU it cannot gain anything);
+- ``bf16`` / ``fp16``: ``--precision mixed_bfloat16`` / ``mixed_float16`` (on a CPU these
+  measure the kernels' 16-bit support, not a GPU's tensor cores);
+- ``xla``: ``--jit-compile``;
+- ``augment``: ``--augment crop-flip`` through the batched pipeline (``train_dataset``);
+- ``augment-per-image``: the same batches through the former per-image ``map`` pipeline.
+
+Both sides: same architecture, optimizer, batch size and data (the run's ``x_train``), the
+same-sized held-out evaluation after every epoch. Images/s are taken over epochs 2..E (epoch 1
+includes graph tracing), from the start of epoch 2 to the end of training, so every epoch's
+checkpoint writing is inside. The sides alternate and the medians are compared. The goal for
+``train`` is >= 0.97.
 """
 import argparse
+import os
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
 
+import tensorflow as tf
+
+# Two logical CPU devices for the ``devices`` variant: TensorFlow accepts them only before it
+# starts. They share the machine's cores and thread pools; one-device runs use CPU:0 as before.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
 import keras  # noqa: E402
 
+from darekit import training  # noqa: E402
 from darekit.data import load_dataset, make_split  # noqa: E402
 from darekit.models import get_architecture  # noqa: E402
 from darekit.models.common import channel_stats  # noqa: E402
 from darekit.rundir import RunData  # noqa: E402
 from darekit.training import OPTIMIZERS, TrainConfig, train  # noqa: E402
+
+VARIANTS = {
+    "train": {},
+    "devices": {"devices": "CPU:0,CPU:1"},
+    "bf16": {"precision": "mixed_bfloat16"},
+    "fp16": {"precision": "mixed_float16"},
+    "xla": {"jit_compile": True},
+    "augment": {"augment": "crop-flip"},
+    "augment-per-image": {"augment": "crop-flip"},
+}
+
+
+def per_image_dataset(x, y, cfg: TrainConfig, initial_epoch: int):
+    """The input pipeline before the batched augmentation: one ``map`` call per image (the
+    same batches; ``test_distribute.py`` checks it)."""
+    import math
+
+    n = len(x)
+    xs, ys = tf.constant(x), tf.constant(y)
+    aug = training._augment_fn(cfg.augment, x.shape[1:])
+
+    def epoch_batches(e):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                         seed=tf.stack([cfg.seed, e]))
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        return ds.map(lambda i: (aug(xs[i], tf.stack([cfg.seed * 7919 + e, i])), ys[i]),
+                      num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size)
+
+    ds = tf.data.Dataset.range(initial_epoch, cfg.epochs).flat_map(epoch_batches)
+    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(n / cfg.batch_size)
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -49,6 +101,19 @@ def images_per_s(clock: EpochClock, n: int) -> float:
     return n * (len(s) - 1) / (s[-1] - s[0])
 
 
+def run_variant(name: str, cfg0: TrainConfig, tmp: str) -> float:
+    cfg = TrainConfig(**{**cfg0.__dict__, **VARIANTS[name], "run_dir": f"{tmp}/{name}"})
+    clock = EpochClock()
+    original = training.train_dataset
+    if name == "augment-per-image":
+        training.train_dataset = per_image_dataset
+    try:
+        train(cfg, callbacks=[clock])
+    finally:
+        training.train_dataset = original
+    return clock
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="alexnet")
@@ -57,7 +122,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {','.join(VARIANTS)}")
     a = p.parse_args()
+    names = [v for v in a.variants.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}")
 
     cfg0 = TrainConfig.resolve(a.model, a.dataset, subset=a.n, epochs=a.epochs,
                                batch_size=a.batch_size, augment="none", schedule="constant",
@@ -66,13 +137,9 @@ def main() -> None:
     data = RunData.from_split(dataset, make_split(dataset.y_train, 0, a.n))
     n = len(data.x_train)
     hold = (data.x_test[:1000], data.y_test[:1000])
-    ours, bare = [], []
+    load0 = os.getloadavg()
+    results: dict[str, list[float]] = {v: [] for v in ["bare", *names]}
     for r in range(a.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            clock = EpochClock()
-            train(TrainConfig(**{**cfg0.__dict__, "run_dir": f"{tmp}/run"}), callbacks=[clock])
-            ours.append(images_per_s(clock, n))
-
         keras.utils.set_random_seed(0)
         arch = get_architecture(a.model)
         model = arch.build(dataset.input_shape, dataset.num_classes, *channel_stats(data.x_train))
@@ -82,14 +149,23 @@ def main() -> None:
         clock = EpochClock()
         model.fit(data.x_train, data.y_train, batch_size=a.batch_size, epochs=a.epochs,
                   validation_data=hold, validation_batch_size=256, callbacks=[clock], verbose=0)
-        bare.append(images_per_s(clock, n))
-        print(f"repeat {r + 1}: ours {ours[-1]:.1f} img/s, bare fit {bare[-1]:.1f} img/s")
-    o, b = statistics.median(ours), statistics.median(bare)
+        results["bare"].append(images_per_s(clock, n))
+        line = [f"bare {results['bare'][-1]:.1f}"]
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                results[name].append(images_per_s(run_variant(name, cfg0, tmp), n))
+            line.append(f"{name} {results[name][-1]:.1f}")
+        print(f"repeat {r + 1} (img/s): " + ", ".join(line), flush=True)
+    load1 = os.getloadavg()
+    b = statistics.median(results["bare"])
     print(f"{a.model} on {a.dataset}, {n} images/epoch, batch {a.batch_size}, "
-          f"epochs 2..{a.epochs}, {a.repeats} repeats")
-    print(f"train.py (history + state + log per epoch): {o:.1f} img/s")
-    print(f"bare model.fit:                            {b:.1f} img/s")
-    print(f"ratio ours / bare: {o / b:.3f}  (goal >= 0.97)")
+          f"epochs 2..{a.epochs}, {a.repeats} repeats, {os.cpu_count()} CPUs; load average "
+          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end")
+    print(f"{'variant':18s} {'img/s':>8s} {'ratio to bare fit':>18s}")
+    print(f"{'bare model.fit':18s} {b:8.1f} {1:18.3f}")
+    for name in names:
+        o = statistics.median(results[name])
+        print(f"{name:18s} {o:8.1f} {o / b:18.3f}")
 
 
 if __name__ == "__main__":

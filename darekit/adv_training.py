@@ -15,6 +15,10 @@ state, log, progress), resume. After every epoch, ``RobustEval`` adds the PGD ro
 on the held-out test images to the epoch's log row (``robust_accuracy``, ``robust_loss``);
 ``val_accuracy``/``val_loss`` are the clean ones, and ``accuracy``/``loss`` are measured on
 the adversarial training batches.
+
+Under a multi-device strategy (``--devices``) each replica crafts the attack on its share of the
+global batch; its random start is its rows of the global batch's draw (``replica_rows``), so the
+adversarial batch does not depend on the number of replicas.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io, layout, training
+from darekit import distribute, io, layout, training
 from darekit.config import option
 from darekit.data import DATASETS, dataset_spec
 from darekit.errors import DareError
@@ -78,18 +82,26 @@ class PGDConfig:
 
 
 def linf_pgd(model: keras.Model, x: tf.Tensor, y: tf.Tensor, cfg: PGDConfig,
-             seed: tf.Tensor) -> tf.Tensor:
+             seed: tf.Tensor, rows: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
     """PGD adversarial examples of ``x`` ``(B, H, W, C)`` in [0, 1] for labels ``y`` ``(B,)``.
 
     ``model`` outputs logits and runs in inference mode; ``seed`` (2 integers) draws the random
-    start statelessly, so a batch's attack depends only on the seed. Meant to run inside a
+    start statelessly, so a batch's attack depends only on the seed. ``rows``: ``(offset,
+    total)`` when ``x`` is a replica's slice of a global batch of ``total`` rows (the random
+    start is then that slice of the global batch's draw). Meant to run inside a
     ``tf.function`` (the step loop unrolls); the result carries no gradient.
     """
     x0 = tf.convert_to_tensor(x, tf.float32)
     y = tf.cast(y, tf.int64)
     xa = x0
     if cfg.random_start:
-        noise = tf.random.stateless_uniform(tf.shape(x0), seed, -cfg.eps, cfg.eps)
+        if rows is None:
+            noise = tf.random.stateless_uniform(tf.shape(x0), seed, -cfg.eps, cfg.eps)
+        else:
+            offset, total = rows
+            shape = tf.concat([tf.reshape(total, [1]), tf.shape(x0, out_type=tf.int64)[1:]], 0)
+            noise = tf.random.stateless_uniform(shape, seed, -cfg.eps, cfg.eps)
+            noise = noise[offset:offset + tf.shape(x0, out_type=tf.int64)[0]]
         xa = tf.clip_by_value(x0 + noise, 0.0, 1.0)
     for _ in range(cfg.steps):
         with tf.GradientTape() as tape:
@@ -150,7 +162,8 @@ class PGDTrainer(keras.Model):
         # (run seed, optimizer step): the random starts of a resumed run equal the original's.
         seed = tf.stack([tf.constant(self.pgd_seed, tf.int64),
                          tf.cast(self.optimizer.iterations, tf.int64)])
-        return super().train_step((linf_pgd(self, x, y, self.pgd, seed), y))
+        x_adv = linf_pgd(self, x, y, self.pgd, seed, rows=distribute.replica_rows(x))
+        return super().train_step((x_adv, y))
 
 
 class RobustEval(keras.callbacks.Callback):

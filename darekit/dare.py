@@ -14,6 +14,10 @@ One pipeline, ``run_dare``, with the variant as a parameter (``VARIANTS``):
 Every run logs per epoch the classifier's clean accuracy on ``x_validation`` and the test set
 and the relative weight change per layer (``finetune.EpochLog``); a run whose weights did not
 move is flagged (``moved: false``) and warned about.
+
+``--devices`` / ``--precision`` (``darekit.distribute``): ``run_dare`` loads the classifier and
+tunes it inside that strategy and dtype policy (``--batch-size`` is then the global batch), and
+records them in the summary; the saved classifier is a plain float32 model either way.
 """
 
 from __future__ import annotations
@@ -22,15 +26,24 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from darekit import io, layout
+from darekit import distribute, io, layout
 from darekit.config import by_architecture, option
 from darekit.errors import DareError
-from darekit.finetune import EpochLog, EvalSets, FinetuneConfig, finetune_ce
+from darekit.finetune import (
+    TENSORBOARD_HELP,
+    EpochLog,
+    EvalSets,
+    FinetuneConfig,
+    diverged,
+    finetune_ce,
+    tensorboard,
+)
 from darekit.mining import MineResult, load_mined
 from darekit.rundir import Run
 from darekit.seeding import set_seed
@@ -62,10 +75,12 @@ class DareConfig:
     """Options of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``."""
 
     variant: str = option("dare", cli=False)  # a key of VARIANTS: each script fixes its own
-    lr: float | None = option(None, "SGD learning rate",
-                              default_text=by_architecture("dare_lr", "dare_lr"))
+    lr: float | None = option(
+        None, "SGD learning rate", default_text=lambda: "dare, dare-s: "
+        + by_architecture("dare_lr", "dare_lr")() + f"; dare-sl: {FinetuneConfig().lr:g} "
+        "(cross-entropy fine-tuning, as the adversarial baselines)")
     epochs: int = option(5, "fine-tuning epochs")
-    batch_size: int = option(32, "batch size")
+    batch_size: int = option(32, distribute.BATCH_HELP)
     loss: str = option("mean", "DARE and DARE-S: the squared error over a sample's slice is "
                        "averaged (mean: the usable lr does not depend on the model or the "
                        "slice size) or summed (sum: the first reading of the method)",
@@ -74,8 +89,15 @@ class DareConfig:
     min_rel_change: float = option(1e-6, "largest relative weight change below which the "
                                    "weights 'did not move' (the run is then not a result)")
     verbose: int = option(2, "Keras progress output", choices=(0, 1, 2))
+    devices: str | None = option(None, distribute.DEVICES_HELP,
+                                 default_text=distribute.DEVICES_DEFAULT,
+                                 parse=distribute.normalize_devices)
+    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
+    tensorboard: bool = option(False, TENSORBOARD_HELP)
 
     def __post_init__(self) -> None:
+        distribute.check_precision(self.precision)
+        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
         if self.variant not in VARIANTS:
             raise DareError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
         if self.loss not in LOSSES:
@@ -86,9 +108,15 @@ class DareConfig:
             raise DareError(f"--epochs and --batch-size must be positive; received "
                             f"{self.epochs}, {self.batch_size}")
 
-    def resolved(self, default_lr: float) -> DareConfig:
-        """The config with ``lr`` filled in (e.g. ``Run.dare_lr``) when it is None."""
-        return self if self.lr is not None else replace(self, lr=default_lr)
+    def resolved(self, regression_lr: float) -> DareConfig:
+        """The config with ``lr`` filled in when it is None: ``regression_lr`` (the model's
+        ``Run.dare_lr``) for DARE and DARE-S; for DARE-SL, whose loss is the cross-entropy,
+        the cross-entropy fine-tuning rate (``FinetuneConfig.lr``, as adversarial
+        fine-tuning)."""
+        if self.lr is not None:
+            return self
+        use_transform = VARIANTS[self.variant].use_transform
+        return replace(self, lr=regression_lr if use_transform else FinetuneConfig().lr)
 
 
 # --------------------------------------------------------------------------- loss and masks
@@ -193,20 +221,27 @@ class Tuned:
 
 def tune_regression(model: keras.Model, mined: MineResult, masks: Mapping[str, np.ndarray] | None,
                     layers: Sequence[str], cfg: DareConfig, eval_sets: EvalSets,
-                    log_path: Any) -> Tuned:
-    """DARE / DARE-S: fine-tune R (sharing ``model``'s layers) on the masked regression loss."""
-    r = trace_model(model, layers)
+                    log_path: Any, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Tuned:
+    """DARE / DARE-S: fine-tune R (sharing ``model``'s layers) on the masked regression loss.
+
+    R is built, compiled and fitted under the strategy ``model`` was built under."""
+    with distribute.model_scope(model):
+        r = trace_model(model, layers)
     units = {n: int(o.shape[-1]) for n, o in zip(layers, r.outputs, strict=True)}
     m = sample_masks(masks, mined.y, units)
     y_true = [np.concatenate([mined.targets[n], m[n]], axis=1) for n in layers]
     bn = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
     for la in bn:
         la.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
-    r.compile(optimizer=keras.optimizers.SGD(cfg.lr), loss=[LOSSES[cfg.loss]] * len(layers))
-    log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
     try:
-        r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-              callbacks=[keras.callbacks.TerminateOnNaN(), log], verbose=cfg.verbose)
+        with distribute.model_scope(model):
+            r.compile(optimizer=keras.optimizers.SGD(cfg.lr),
+                      loss=[LOSSES[cfg.loss]] * len(layers))
+            distribute.build_optimizer(r)  # keras-team/keras#23085
+            log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
+            r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                  callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), log],
+                  verbose=cfg.verbose)
     finally:
         for la in bn:
             la.trainable = True
@@ -214,11 +249,13 @@ def tune_regression(model: keras.Model, mined: MineResult, masks: Mapping[str, n
 
 
 def tune_classifier(model: keras.Model, mined: MineResult, cfg: DareConfig,
-                    eval_sets: EvalSets, log_path: Any) -> Tuned:
+                    eval_sets: EvalSets, log_path: Any,
+                    callbacks: Sequence[keras.callbacks.Callback] = ()) -> Tuned:
     """DARE-SL: cross-entropy fine-tuning of the classifier itself (no R, no slice)."""
-    ft = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    ft = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                        devices=cfg.devices, precision=cfg.precision)
     rows = finetune_ce(model, mined.x, mined.y, ft, eval_sets=eval_sets, log_path=log_path,
-                       verbose=cfg.verbose, extra={"variant": cfg.variant})
+                       verbose=cfg.verbose, extra={"variant": cfg.variant}, callbacks=callbacks)
     return Tuned(rows, None)
 
 
@@ -240,13 +277,15 @@ class DareResult:
 
 def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
          masks: Mapping[str, np.ndarray] | None = None, layers: Sequence[str] = (),
-         eval_sets: EvalSets | None = None, log_path: Any = None) -> DareResult:
+         eval_sets: EvalSets | None = None, log_path: Any = None,
+         callbacks: Sequence[keras.callbacks.Callback] = ()) -> DareResult:
     """Stage 3 on any model: fine-tune ``model`` in place with ``cfg.variant`` on Stage 2's
     data ``mined``; ``cfg.lr`` must be set.
 
     DARE needs ``masks`` (``{layer: (classes, units) bool}``, Stage 1) and ``layers`` (the
     sliced layers, the regression model's outputs); DARE-S needs ``layers``; DARE-SL neither.
-    ``eval_sets`` (``{name: (x, y)}``) are logged per epoch, to ``log_path`` (CSV) if given.
+    ``eval_sets`` (``{name: (x, y)}``) are logged per epoch, to ``log_path`` (CSV) if given;
+    ``callbacks`` join ``fit``'s (e.g. ``finetune.tensorboard(...)``).
     A run whose weights become NaN or inf is returned with ``status="diverged"``.
     """
     t0 = time.perf_counter()
@@ -269,10 +308,10 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
     set_seed(cfg.seed)
     if variant.use_transform:
         tuned = tune_regression(model, mined, masks if variant.use_slice else None, layers,
-                                cfg, eval_sets, log_path)
+                                cfg, eval_sets, log_path, callbacks)
     else:
-        tuned = tune_classifier(model, mined, cfg, eval_sets, log_path)
-    finite = all(np.isfinite(w).all() for w in model.get_weights())
+        tuned = tune_classifier(model, mined, cfg, eval_sets, log_path, callbacks)
+    finite = not diverged(model, tuned.rows)
     last = tuned.rows[-1]
     summary = {
         "variant": asdict(variant), "status": OK if finite else DIVERGED, "lr": cfg.lr,
@@ -290,33 +329,53 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
     return DareResult(model, summary, tuned.rows, tuned.regression_model, summary["status"])
 
 
-def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> DareResult:
-    """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
+def tune_run(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print,
+             log_path: Any = None) -> DareResult:
+    """Fine-tune (a fresh copy of) the run's final classifier with ``cfg``; save nothing but
+    the per-epoch log (``log_path``, default ``dare/<variant>_log.csv``).
 
-    Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary, with
-    ``status``). A run that diverges saves no model: its summary says ``diverged`` (with the
-    learning rate and the log), the evaluation reports it as such, and the result is returned
-    for the caller to decide (the scripts stop with an error, a study goes on).
-    """
+    The classifier is loaded and tuned under ``cfg.devices`` / ``cfg.precision``; the result's
+    ``model`` is a plain float32 classifier (no strategy) with the tuned weights, and its
+    summary records the distribution."""
     variant = VARIANTS[cfg.variant]
-    cfg = cfg if cfg.lr is not None else replace(cfg, lr=run.dare_lr)
+    cfg = cfg.resolved(run.dare_lr)
+    dist = distribute.distribution(cfg.devices, cfg.precision)
+    dist.check_batch(cfg.batch_size)
     layers = run.trace_layers
     mined = load_mined(run)
-    model = run.load_model()
-    units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
-    masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice else None
-    log_path = run.file(layout.dare_log(variant.name))
+    log_path = log_path or run.file(layout.dare_log(variant.name))
     log(f"{variant.name}: {variant.summary}; {len(mined.y)} samples, lr {cfg.lr:g}, "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}")
-    result = tune(model, mined, cfg, masks=masks, layers=layers,
-                  eval_sets=run.eval_sets(), log_path=log_path)
-    summary = {**result.summary, "log": str(log_path)}
+    log(dist.summary(cfg.batch_size))
+    with dist.scope():  # the classifier, and R sharing its layers, live on --devices
+        model = run.load_model()
+        units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
+        masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice \
+            else None
+        result = tune(model, mined, cfg, masks=masks, layers=layers,
+                      eval_sets=run.eval_sets(), log_path=log_path,
+                      callbacks=tensorboard(cfg.tensorboard, run.file(
+                          layout.tensorboard(Path(log_path).stem.removesuffix("_log")))))
+    if dist.replicas > 1 or dist.precision != "float32":
+        result = replace(result, model=distribute.plain_copy(result.model, run.build_model))
+    return replace(result, summary={**result.summary, "log": str(log_path),
+                                    "distribution": dist.describe(cfg.batch_size)})
+
+
+def save_result(run: Run, cfg: DareConfig, result: DareResult,
+                log: Callable[[str], Any] = print) -> DareResult:
+    """Save a tuned classifier as ``models/<variant>`` (checked against the tuned weights) and
+    its summary as ``dare/<variant>.json``; a diverged result saves no model (and removes an
+    older one) and its summary says ``diverged``."""
+    variant = VARIANTS[cfg.variant]
+    cfg = cfg.resolved(run.dare_lr)
+    summary, model = dict(result.summary), result.model
     if result.status == DIVERGED:
         run.remove_model(variant.name)
         run.write_config(layout.dare_summary(variant.name), "dare",
                          {**asdict(cfg), "summary": summary})
         log(f"{variant.name} diverged at lr {cfg.lr:g} (the weights became NaN/inf; log "
-            f"{log_path}); nothing was saved")
+            f"{summary.get('log')}); nothing was saved")
         return replace(result, summary=summary)
     path = run.save_model(model, variant.name)
     saved = run.load_named(variant.name)
@@ -336,3 +395,14 @@ def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> Da
         f"{acc1['validation']:.4f}, test {acc0['test']:.4f} -> {acc1['test']:.4f}; "
         f"largest relative weight change {summary['max_rel_change']:.3g}; saved {path}")
     return replace(result, summary=summary)
+
+
+def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> DareResult:
+    """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
+
+    Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary, with
+    ``status``). A run that diverges saves no model: its summary says ``diverged`` (with the
+    learning rate and the log), the evaluation reports it as such, and the result is returned
+    for the caller to decide (the scripts stop with an error, a study goes on).
+    """
+    return save_result(run, cfg, tune_run(run, cfg, log), log)

@@ -7,12 +7,16 @@
   named sets and the relative weight change per layer, into a CSV written atomically.
 - ``finetune_ce``: cross-entropy fine-tuning of a classifier on ``(x, y)`` (DARE-SL and the
   adversarial fine-tuning baselines).
+
+``FinetuneConfig.devices`` / ``precision`` (``darekit.distribute``) say where the stages that
+load the classifier build and tune it; ``finetune_ce`` compiles and fits under the strategy its
+model was built under.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from darekit import io
+from darekit import distribute, io
 from darekit.config import option
 from darekit.errors import DareError
 
@@ -53,6 +57,21 @@ def relative_change(before: Mapping[str, list[np.ndarray]], model: keras.Model
         den = sum(float(np.sum(w0 ** 2)) for w0 in ws0)
         out[name] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
     return out
+
+
+def diverged(model: keras.Model, rows: list[dict[str, Any]]) -> bool:
+    """Whether a fine-tuning run diverged: weights that became NaN or inf, or so large that
+    their relative change overflows (seen on smallcnn: finite weights, chance accuracy)."""
+    finite = all(np.isfinite(w).all() for w in model.get_weights())
+    return not (finite and np.isfinite(rows[-1].get("max_rel_change", 0.0)))
+
+
+TENSORBOARD_HELP = "write TensorBoard logs into <run-dir>/tensorboard/<model name>/"
+
+
+def tensorboard(enabled: bool, log_dir: Any) -> list[keras.callbacks.Callback]:
+    """``[keras.callbacks.TensorBoard(log_dir)]`` when ``enabled``, else ``[]``."""
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir))] if enabled else []
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -105,13 +124,20 @@ class FinetuneConfig:
     """Cross-entropy fine-tuning options (DARE-SL and adversarial fine-tuning share them)."""
 
     epochs: int = option(5, "fine-tuning epochs")
-    batch_size: int = option(32, "batch size")
+    batch_size: int = option(32, distribute.BATCH_HELP)
     lr: float = option(1e-3, "learning rate")
     optimizer: str = option("sgd", "optimizer", choices=lambda: sorted(FT_OPTIMIZERS))
     momentum: float = option(0.0, "SGD momentum")
     seed: int = option(0, "seeds shuffling and dropout")
+    devices: str | None = option(None, distribute.DEVICES_HELP,
+                                 default_text=distribute.DEVICES_DEFAULT,
+                                 parse=distribute.normalize_devices)
+    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
+    tensorboard: bool = option(False, TENSORBOARD_HELP)
 
     def __post_init__(self) -> None:
+        distribute.check_precision(self.precision)
+        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
         if self.epochs < 1 or self.batch_size < 1:
             raise DareError(f"--epochs and --batch-size must be positive; received "
                             f"{self.epochs}, {self.batch_size}")
@@ -130,23 +156,31 @@ FT_OPTIMIZERS = {
 
 def finetune_ce(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: FinetuneConfig, *,
                 eval_sets: EvalSets, log_path: str | Path | None = None, verbose: int = 1,
-                extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                extra: Mapping[str, Any] | None = None,
+                callbacks: Sequence[keras.callbacks.Callback] = ()) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place with cross-entropy on ``(x, y)``; return the epoch log rows.
+    ``callbacks`` are added to ``fit``'s (e.g. ``tensorboard(...)``).
 
     Batch-norm layers stay in inference mode (their statistics are not re-estimated on the
     small fine-tuning set); dropout stays active, as in ordinary training.
+
+    ``model`` is compiled and fitted under the strategy it was built under (build it inside
+    ``distribute.distribution(cfg.devices, cfg.precision).scope()`` to tune on those devices
+    and in that precision); ``cfg.batch_size`` is the global batch.
     """
     bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in bn:
         layer.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
-    model.compile(optimizer=FT_OPTIMIZERS[cfg.optimizer](cfg),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    log = EpochLog(model, eval_sets, log_path, extra)
-    keras.utils.set_random_seed(cfg.seed)
     try:
-        model.fit(x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-                  callbacks=[log], verbose=verbose)
+        with distribute.model_scope(model):
+            model.compile(optimizer=FT_OPTIMIZERS[cfg.optimizer](cfg),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"])
+            distribute.build_optimizer(model)  # keras-team/keras#23085
+            log = EpochLog(model, eval_sets, log_path, extra)
+            keras.utils.set_random_seed(cfg.seed)
+            model.fit(x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                      callbacks=[*callbacks, log], verbose=verbose)
     finally:
         for layer in bn:
             layer.trainable = True

@@ -2,6 +2,9 @@
 
 ``train(cfg)`` is the whole of ``train/train.py`` and ``train/alexnet.py``. It uses plain
 ``model.fit`` with one callback, so its speed is Keras' own (see ``bench/bench_train.py``).
+``--devices`` and ``--precision`` (``darekit.distribute``) train data-parallel over several
+devices of this machine and in mixed precision; the history files are the same either way
+(float32 layer weights, loadable without a strategy).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from darekit import io, layout, rundir
+from darekit import distribute, io, layout, rundir
 from darekit.config import by_architecture, option
 from darekit.data import DATASETS, Split, balanced_subset, dataset_spec, load_dataset, make_split
 from darekit.errors import DareError
@@ -26,7 +29,7 @@ from darekit.models import ARCHITECTURES, get_architecture
 from darekit.models.common import channel_stats
 from darekit.paths import default_run_dir, mark_latest
 from darekit.rundir import Run, RunData
-from darekit.seeding import set_seed
+from darekit.seeding import set_seed, xla_allowed
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 HOLDOUTS = ("test", "validation")
@@ -40,7 +43,8 @@ class TrainConfig:
     model: str = option("vgg16", "architecture", choices=lambda: sorted(ARCHITECTURES))
     dataset: str = option("cifar10", "dataset", choices=lambda: sorted(DATASETS))
     epochs: int = option(200, "number of epochs", default_text=by_architecture("epochs"))
-    batch_size: int = option(128, "batch size", default_text=by_architecture("batch_size"))
+    batch_size: int = option(128, distribute.BATCH_HELP,
+                             default_text=by_architecture("batch_size"))
     optimizer: str = option("sgd", "optimizer", choices=lambda: list(OPTIMIZERS),
                             default_text=by_architecture("optimizer"))
     lr: float = option(0.05, "initial learning rate", default_text=by_architecture("lr"))
@@ -67,10 +71,15 @@ class TrainConfig:
     test_subset: int | None = option(None, "evaluate each epoch on a class-balanced subset "
                                      "of N test images", default_text="all test images")
     holdout: str = option("test", "held-out set logged after every epoch", choices=HOLDOUTS)
-    jit_compile: bool = option(False, "compile the train step with XLA")
+    jit_compile: bool = option(False, "compile the train step with XLA (one device only: "
+                               "turned off under a multi-device strategy)")
     deterministic: bool = option(False, "deterministic TF ops: the same seed repeats bit "
                                  "for bit (slower)")
-    tensorboard: bool = option(False, "write TensorBoard logs into <run-dir>/tensorboard/")
+    devices: str | None = option(None, distribute.DEVICES_HELP,
+                                 default_text=distribute.DEVICES_DEFAULT,
+                                 parse=distribute.normalize_devices)
+    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
+    tensorboard: bool = option(False, "write TensorBoard logs into <run-dir>/tensorboard/train/")
     run_dir: str | None = option(None, "run directory",
                                  default_text="runs/<dataset>-<model>-s<seed>")
     resume: bool = option(False, "continue the run in --run-dir from its last complete epoch")
@@ -78,6 +87,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_architecture(self.model)  # raises on an unknown name
+        distribute.check_precision(self.precision)
+        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
         dataset_spec(self.dataset)  # raises on an unknown name
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -197,21 +208,36 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, initial_epoch:
     """Batches for epochs ``initial_epoch..epochs-1`` and the number of steps per epoch.
 
     Epoch ``e``'s order and augmentation depend only on ``(seed, e)`` (stateless RNG), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen.
+    resumed run sees exactly the batches the uninterrupted run would have seen. The batches are
+    global batches (a strategy splits each between its replicas) and do not depend on the
+    devices or the precision.
     """
     n = len(x)
     steps = math.ceil(n / cfg.batch_size)
     xs, ys = tf.constant(x), tf.constant(y)
     aug = _augment_fn(cfg.augment, x.shape[1:])
 
+    def gather(i):
+        return tf.gather(xs, i), tf.gather(ys, i)
+
+    def augmented(e):
+        def batch(i):
+            # Image i of epoch e is augmented with its own seed (seed * 7919 + e, i), as a
+            # per-image map would: batching the indices first and running the per-image ops
+            # in one map_fn per batch makes the same images for ~30% less CPU per image
+            # (fewer tf.data elements; bench/README.md).
+            seeds = tf.stack([tf.fill(tf.shape(i), cfg.seed * 7919 + e), i], axis=1)
+            images = tf.map_fn(lambda a: aug(tf.gather(xs, a[0]), a[1]), (i, seeds),
+                               fn_output_signature=xs.dtype, parallel_iterations=32)
+            return images, tf.gather(ys, i)
+        return batch
+
     def epoch_batches(e):
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
                                                          seed=tf.stack([cfg.seed, e]))
-        ds = tf.data.Dataset.from_tensor_slices(order)
-        if aug is None:
-            return ds.batch(cfg.batch_size).map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
-        return ds.map(lambda i: (aug(xs[i], tf.stack([cfg.seed * 7919 + e, i])), ys[i]),
-                      num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size)
+        ds = tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size)
+        return ds.map(gather if aug is None else augmented(e),
+                      num_parallel_calls=tf.data.AUTOTUNE)
 
     ds = tf.data.Dataset.range(initial_epoch, cfg.epochs).flat_map(epoch_batches)
     return ds.prefetch(tf.data.AUTOTUNE), steps
@@ -249,17 +275,36 @@ class EpochHistory(keras.callbacks.Callback):
         io.write_json(self.run.file(layout.PROGRESS), {"epoch": k})
 
 
+def _inner(opt: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer proper: under ``mixed_float16`` Keras wraps it in a ``LossScaleOptimizer``."""
+    return getattr(opt, "inner_optimizer", opt)
+
+
 def save_optimizer(opt: keras.optimizers.Optimizer, path: Path) -> None:
-    io.write_npz(path, **{f"v{i:04d}": v.numpy() for i, v in enumerate(opt.variables)})
+    """The optimizer's variables (``v0000``...; the inner optimizer's under loss scaling, so
+    the file does not depend on the precision) and, with loss scaling, the scale's state."""
+    arrays = {f"v{i:04d}": v.numpy() for i, v in enumerate(_inner(opt).variables)}
+    if _inner(opt) is not opt:
+        arrays.update(loss_scale=opt.dynamic_scale.numpy(),
+                      loss_scale_steps=opt.step_counter.numpy())
+    io.write_npz(path, **arrays)
 
 
 def load_optimizer(opt: keras.optimizers.Optimizer, model: keras.Model, path: Path) -> None:
-    opt.build(model.trainable_variables)
+    """Restore ``save_optimizer``'s file into ``opt`` (built here, inside the model's strategy
+    scope). A run resumed in another precision keeps its optimizer state; a loss scale starts
+    from Keras' initial one when the file has none."""
+    with distribute.model_scope(model):
+        opt.build(model.trainable_variables)
     arrays = io.read_npz(path)
-    if len(arrays) != len(opt.variables):
+    inner = _inner(opt)
+    if sum(k.startswith("v") for k in arrays) != len(inner.variables):
         raise DareError(f"optimizer state {path} does not match the model; cannot resume")
-    for i, v in enumerate(opt.variables):
+    for i, v in enumerate(inner.variables):
         v.assign(arrays[f"v{i:04d}"])
+    if inner is not opt and "loss_scale" in arrays:
+        opt.dynamic_scale.assign(arrays["loss_scale"])
+        opt.step_counter.assign(arrays["loss_scale_steps"])
 
 
 # ---------------------------------------------------------------------------- the run
@@ -297,9 +342,24 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     ``callbacks(x_holdout, y_holdout)``) run before the checkpointing callback, so metrics
     they add to the epoch's logs reach ``train_log.csv``; ``extra_config`` joins the ``train``
     section of ``config.json``.
+
+    ``cfg.devices`` / ``cfg.precision`` choose the strategy and dtype policy
+    (``darekit.distribute``); ``config.json`` records them under ``distribution`` (strategy,
+    replicas, devices, global and per-replica batch, XLA, batch-norm synchronisation).
     """
     run, cfg, start = _prepare_run(cfg)
+    dist = distribute.distribution(cfg.devices, cfg.precision)
+    dist.check_batch(cfg.batch_size)
     set_seed(cfg.seed, cfg.deterministic)
+    jit = dist.jit_compile(cfg.jit_compile)
+    if cfg.verbose:
+        print(dist.summary(cfg.batch_size))
+        if cfg.jit_compile and not jit:
+            print("jit_compile: off (XLA cannot compile a MirroredStrategy step)")
+    if jit and not xla_allowed(jit):
+        jit = False
+        if cfg.verbose:
+            print("jit_compile: off (no deterministic XLA max-pooling gradient in TF)")
     dataset = load_dataset(cfg.dataset)
     split_path = run.file(layout.SPLIT)
     if split_path.is_file():
@@ -311,7 +371,9 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     arch = get_architecture(cfg.model)
     train_cfg = {**cfg.to_dict(), **(extra_config or {}),
                  "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-                 "n_train": len(split.train_idx), "n_validation": len(split.validation_idx)}
+                 "n_train": len(split.train_idx), "n_validation": len(split.validation_idx),
+                 "distribution": {**dist.describe(cfg.batch_size), "jit_compile": jit,
+                                  "sync_batch_norm": dist.replicas > 1}}
     run.write_config(layout.CONFIG, "train", train_cfg)  # on resume: records new --epochs
     mark_latest(run.path)
 
@@ -321,28 +383,41 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
         keep = balanced_subset(y_hold, min(cfg.test_subset, len(y_hold)), cfg.seed)
         x_hold, y_hold = x_hold[keep], y_hold[keep]
 
-    model = arch.build(dataset.input_shape, dataset.num_classes, *channel_stats(data.x_train))
-    if wrap_model is not None:
-        model = wrap_model(model)
-    model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=cfg.jit_compile)
-    rows: list[dict[str, Any]] = []
-    if start > 0:
-        rundir.weights_view(model).load_weights(str(run.epoch_path(start)))
-        load_optimizer(model.optimizer, model, run.file(layout.OPTIMIZER))
-        rows = [r for r in io.read_csv(run.file(layout.TRAIN_LOG)) if int(r["epoch"]) <= start]
-    if start >= cfg.epochs:
-        print(f"{run.path}: already trained for {start} epochs; nothing to do")
-        return run
-
-    extra = list(callbacks(x_hold, y_hold) if callable(callbacks) else callbacks)
-    if cfg.tensorboard:
-        log_dir = str(run.file(layout.tensorboard("train")))
-        extra.append(keras.callbacks.TensorBoard(log_dir=log_dir))
+    # The input pipeline is made outside the scope: its tensors stay on the host (tf.data runs
+    # there), not on a device named by --devices.
     ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
-    model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
-              validation_data=(x_hold, y_hold), validation_batch_size=max(256, cfg.batch_size),
-              callbacks=[*extra, EpochHistory(run, cfg, rows)], verbose=cfg.verbose,
-              shuffle=False)
+    # Built, compiled and fitted under the strategy and dtype policy of --devices/--precision.
+    with dist.scope():
+        model = arch.build(dataset.input_shape, dataset.num_classes,
+                           *channel_stats(data.x_train))
+        if dist.replicas > 1:
+            # Each replica normalises with the global batch's statistics: the step computes
+            # what it computes on one device (otherwise BN would see batch/replicas images).
+            distribute.synchronize_batch_norm(model)
+        if wrap_model is not None:
+            model = wrap_model(model)
+        model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=jit)
+        rows: list[dict[str, Any]] = []
+        if start > 0:
+            rundir.weights_view(model).load_weights(str(run.epoch_path(start)))
+            load_optimizer(model.optimizer, model, run.file(layout.OPTIMIZER))
+            rows = [r for r in io.read_csv(run.file(layout.TRAIN_LOG))
+                    if int(r["epoch"]) <= start]
+        else:
+            distribute.build_optimizer(model)  # see its docstring: keras-team/keras#23085
+        if start >= cfg.epochs:
+            print(f"{run.path}: already trained for {start} epochs; nothing to do")
+            return run
+
+        extra = list(callbacks(x_hold, y_hold) if callable(callbacks) else callbacks)
+        if cfg.tensorboard:
+            log_dir = str(run.file(layout.tensorboard("train")))
+            extra.append(keras.callbacks.TensorBoard(log_dir=log_dir))
+        model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
+                  validation_data=(x_hold, y_hold),
+                  validation_batch_size=max(256, cfg.batch_size),
+                  callbacks=[*extra, EpochHistory(run, cfg, rows)], verbose=cfg.verbose,
+                  shuffle=False)
     return run

@@ -6,7 +6,9 @@ Every model built here
 - zero-pads 28x28 inputs to 32x32 where the architecture needs it (layer ``pad``), then
   normalises per channel (layer ``normalize``, Keras' ``Normalization``, statistics of
   ``x_train``);
-- outputs **logits** from a Dense layer named ``logits`` (softmax lives only in the loss);
+- outputs **logits** from a Dense layer named ``logits`` (softmax lives only in the loss),
+  computed in float32 even when built under a mixed-precision dtype policy
+  (``float32_logits``: the loss and its gradient start from float32 logits);
 - is made of Keras' built-in layers only, so its ``.keras`` file loads without darekit.
 """
 
@@ -53,10 +55,47 @@ class Architecture:
               mean: np.ndarray | None = None, std: np.ndarray | None = None) -> keras.Model:
         """Build the model; ``mean``/``std`` ``(C,)`` (per channel) set the normalisation layer
         (default: mean 0, std 1, as before any statistics are loaded)."""
-        model = self.builder(tuple(input_shape), int(num_classes))
+        model = float32_logits(self.builder(tuple(input_shape), int(num_classes)))
         if mean is not None or std is not None:
             set_normalization(model.get_layer(NORMALIZE), mean, std)
         return model
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> keras.Model:
+    """Give ``target`` the weights of ``source`` (same architecture); return ``target``.
+    Layers holding tensors derived from their weights (``Normalization``) refresh them, as
+    they do after ``load_weights``."""
+    target.set_weights(source.get_weights())
+    for layer in target.layers:
+        finalize = getattr(layer, "finalize_state", None)
+        if finalize is not None:
+            finalize()
+    return target
+
+
+def float32_logits(model: keras.Model) -> keras.Model:
+    """``model``, or under a mixed-precision policy a copy whose ``logits`` layer computes in
+    float32 (the other layers keep the policy; every variable is float32 either way).
+
+    Why: with float16 logits the softmax cross-entropy and its gradient lose precision (and can
+    overflow); Keras' mixed-precision guide keeps the last layer in float32. The builders create
+    every layer under the global policy, so the graph is cloned with that one layer's dtype
+    changed, and the weights copied (a mixed model starts from the float32 one's values).
+    """
+    try:
+        logits = model.get_layer(LOGITS)
+    except ValueError:
+        return model
+    if logits.compute_dtype == "float32":
+        return model
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if layer.name == LOGITS:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    return copy_weights(model, keras.models.clone_model(model, clone_function=clone))
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
