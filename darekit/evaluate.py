@@ -54,6 +54,7 @@ from darekit.crosscheck import CrossCheckConfig, cross_check, transfer_set
 from darekit.data import balanced_subset, dataset_spec
 from darekit.errors import DareError
 from darekit.rundir import Run
+from darekit.seeding import xla_allowed
 
 DEFINITIONS = {
     "clean_accuracy": "fraction of the N test images classified correctly",
@@ -369,7 +370,7 @@ class AttackEvaluation:
             **stats.wilson(int(self.robust_at_budget.sum()), n).as_dict("robust_accuracy"),
             "budget": self.budget, "rounds": self.rounds, "evaluations": self.evaluations,
             "bracket": bracket, "er_precision": bracket / (1 - bracket) if bracket < 1 else
-            math.inf, "seconds": round(self.seconds, 3),
+            math.inf,
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -390,8 +391,10 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
     """Attack ``x`` ``(N, H, W, C)`` in [0, 1] with labels ``y`` ``(N,)``; ``model`` outputs
     logits. ``budget`` (default: the dataset's for the attack's norm) is where robust accuracy
     is reported; ``jit_compile`` runs the attacks with XLA (about 2x faster on a CPU; results
-    equal up to float rounding); see the module docstring for the rest."""
+    equal up to float rounding; off under op determinism: ``seeding.xla_allowed``); see the
+    module docstring for the rest."""
     t0 = time.perf_counter()
+    jit_compile = xla_allowed(jit_compile)
     spec = get_spec(attack)
     if budget is None:
         if dataset is None:
@@ -469,6 +472,10 @@ class EvalConfig:
                                "results equal up to float rounding)")
     search: SearchConfig = option(default_factory=SearchConfig, cli=False)
     params: Mapping[str, Mapping[str, Any]] = option(default_factory=dict, cli=False)
+    baselines: str = option("all", "attacks an adversarial fine-tuning baseline adv-X is "
+                            "evaluated under: all of them, or only its own X (the paper's "
+                            "comparison: in scenario X, DARE against the baseline fine-tuned on "
+                            "X's examples)", choices=("all", "own"))
     crosscheck: bool = option(True, "cross-check robust accuracy at the L-inf budget with "
                               "APGD-CE, targeted APGD-DLR, Square and a transfer attack")
     crosscheck_n: int | None = option(None, "cross-check this many of the test images",
@@ -480,6 +487,8 @@ class EvalConfig:
             raise DareError(f"--n must be at least 10 test images; received {self.n}")
         if self.batch_size < 1:
             raise DareError(f"--batch-size must be positive; received {self.batch_size}")
+        if self.baselines not in ("all", "own"):
+            raise DareError(f"--baselines must be all or own; received {self.baselines!r}")
         if self.crosscheck_n is not None and self.crosscheck_n < 10:
             raise DareError(f"--crosscheck-n must be at least 10; received {self.crosscheck_n}")
         for a in self.attacks:
@@ -491,6 +500,14 @@ class EvalConfig:
     def crosscheck_config(self, eps: float) -> CrossCheckConfig:
         return CrossCheckConfig(eps=eps, seed=self.seed, batch_size=self.batch_size,
                                 **dict(self.crosscheck_params))
+
+
+def _evaluated(cfg: EvalConfig, model: str, attack: str) -> bool:
+    """Whether ``model`` is evaluated under ``attack`` (``cfg.baselines``)."""
+    from darekit.adv_finetune import ADV_PREFIX
+
+    own = not model.startswith(ADV_PREFIX) or model == ADV_PREFIX + attack
+    return cfg.baselines == "all" or own
 
 
 def _mtime(run: Run, model: str) -> float:
@@ -547,7 +564,7 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
             holder["name"] = name
         return holder["model"]
 
-    todo = [(m, a) for m in models for a in cfg.attacks]
+    todo = [(m, a) for m in models for a in cfg.attacks if _evaluated(cfg, m, a)]
     bar = tqdm(todo, desc="evaluation", unit="scenario", disable=not progress)
     for model_name, attack in bar:
         bar.set_postfix_str(f"{model_name} / {attack}")
@@ -559,7 +576,10 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
             ev = evaluate_attack(load(model_name), x, y, attack, dataset=run.dataset_name,
                                  search=cfg.search, params=params, batch_size=cfg.batch_size,
                                  seed=cfg.seed, progress=progress, jit_compile=cfg.jit_compile)
-            return {"summary": ev.summary(cfg.seed), "config": ev.config}, ev.arrays()
+            # Wall time stays out of the summary: two runs with one seed give identical
+            # results (results.csv), and a time is not a result.
+            return {"summary": ev.summary(cfg.seed), "config": ev.config,
+                    "seconds": round(ev.seconds, 3)}, ev.arrays()
 
         meta, arrays = _cached(run, f"{model_name}__{attack}", key, compute)
         configs[attack] = meta["config"]
@@ -572,7 +592,7 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
         if cfg.models and name not in cfg.models:
             continue
         rows += [{**base, "model": name, "attack": a, "status": "diverged", "er": math.nan,
-                  "lr": info["lr"], "log": info["log"]} for a in cfg.attacks]
+                  "lr": info["lr"]} for a in cfg.attacks if _evaluated(cfg, name, a)]
     robust = {k: v["robust_at_budget"] for k, v in parts.items()}
     checks = _crosscheck_run(run, cfg, models, x, y, robust, load, progress) \
         if cfg.crosscheck else []
@@ -606,7 +626,9 @@ def _crosscheck_run(run: Run, cfg: EvalConfig, models: Sequence[str], x: np.ndar
         def compute(name=name, own=own):
             res = cross_check(load(name), xs, ys, cc, transfer=tarr["x_adv"], own_robust=own,
                               progress=progress)
-            return {"summary": res.summary(), "config": res.config}, {
+            summary = res.summary()
+            seconds = summary.pop("seconds")
+            return {"summary": summary, "config": res.config, "seconds": seconds}, {
                 f"robust/{k}": v for k, v in res.robust.items()} | {
                 "worst_case": res.worst_case}
 

@@ -52,12 +52,11 @@ from darekit.rundir import Run
 IMPORTED = "imported"
 """``train.model`` of an imported run (no registry architecture has this name)."""
 
-DEFAULT_DARE_LR = 1e-4
-"""DARE's learning rate for a foreign model unless ``--dare-lr`` says otherwise. The registry's
-choices span 1e-7 (VGG, after the artifact) to 1e-3 (small BN nets); 1e-4 is the one that
-proved stable on a BN CNN with this package's summed regression loss (AlexNet on
-Fashion-MNIST diverged at 1e-3), so it is the cautious middle for an unknown architecture.
-``dare/dare.py --lr`` overrides it per run; ``dare/*.json`` records whether the weights moved."""
+DEFAULT_DARE_LR = 1e-3
+"""DARE's learning rate for a foreign model unless ``--dare-lr`` says otherwise. With the
+regression loss averaged over the slice, the rates that trained stably and moved the weights
+were 1e-4 to 1e-3 for every variant on smallcnn, and 1e-4 to 0.1 on AlexNet (Fashion-MNIST,
+quick scale; docs/method.md): 1e-3 is in both ranges, a cautious start for an unknown model."""
 
 CHECKPOINT_KINDS = {".keras": "keras", layout.WEIGHTS_SUFFIX: "weights"}
 """Checkpoint file suffixes ``ModelCheckpoint`` writes: full models or weights only."""
@@ -96,8 +95,8 @@ class ImportConfig:
                                      parse=_parse_layers, metavar="A,B,...",
                                      default_text="found from the model by "
                                      "darekit.slicing.find_trace_layers")
-    dare_lr: float = option(DEFAULT_DARE_LR, "DARE's default learning rate for this run "
-                            "(dare/dare.py --lr overrides it)")
+    dare_lr: float = option(DEFAULT_DARE_LR, "DARE's learning rate for this run when "
+                            "dare/dare.py gets no --lr")
     seed: int = option(0, "seed of the split (when --split is not given) and of the "
                        "accuracy check's images")
     check_images: int = option(500, "class-balanced test images the clean accuracy check uses")
@@ -345,6 +344,13 @@ def _to_logits(model: keras.Model) -> tuple[keras.Model, list[str], list[tuple[A
         outputs = out_layer.output
     logits = keras.Model(model.inputs[0], outputs, name=model.name)
     return logits, notes, copies
+
+
+def as_logits(model: keras.Model) -> keras.Model:
+    """``model`` ending at its logits (a softmax output stripped; see ``_to_logits``); the
+    same object when it already outputs logits from a layer named ``logits``."""
+    logits, _, copies = _to_logits(model)
+    return model if not copies and logits.outputs[0] is model.outputs[0] else logits
 
 
 def _check_input(model: keras.Model, dataset: Dataset) -> None:

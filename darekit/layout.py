@@ -16,9 +16,9 @@ Paths are relative to the run directory (``Run.file(rel)`` makes them absolute):
     dare/                          Stage 3: per-variant epoch logs and summaries
     adv/                           adversarial sets of x_train (and test), resumable parts
     logs/                          adversarial fine-tuning logs
-    tune/                          learning-rate selection (candidates and the choice)
+    tune/                          learning-rate selection: held-out images, candidates, choice
     eval/                          evaluation: per (model, attack) parts, results, report, plots
-    tensorboard/<stage>/           TensorBoard logs (with --tensorboard)
+    tensorboard/<stage>/           TensorBoard logs (--tensorboard): train, dare, adv-fgsm, ...
     reproduce.json                 what reproduce.py ran
 """
 
@@ -59,6 +59,7 @@ ADV_DIR = "adv"
 ADV_PARTS = f"{ADV_DIR}/parts"
 LOGS_DIR = "logs"
 TUNE_DIR = "tune"
+HOLDOUT = f"{TUNE_DIR}/holdout.npz"
 
 # Evaluation
 EVAL_DIR = "eval"

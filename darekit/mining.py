@@ -218,7 +218,9 @@ HistoryModel = keras.Model | str | os.PathLike | Callable[[], keras.Model]
 
 def load_history_model(item: HistoryModel, like: keras.Model) -> keras.Model:
     """The model ``item`` stands for; a ``.weights.h5`` file is loaded into a copy of
-    ``like``'s architecture."""
+    ``like``'s architecture. A ``.keras`` checkpoint of a model with a softmax output (what
+    ``ModelCheckpoint`` saves of such a model) is read up to its logits: the directions are
+    gradients of the cross-entropy on logits."""
     if isinstance(item, keras.Model):
         return item
     if callable(item):
@@ -227,7 +229,9 @@ def load_history_model(item: HistoryModel, like: keras.Model) -> keras.Model:
     if not path.is_file():
         raise DareError(f"history checkpoint {path} does not exist")
     if path.name.endswith(".keras"):
-        return keras.saving.load_model(path, compile=False)
+        from darekit.importer import as_logits
+
+        return as_logits(keras.saving.load_model(path, compile=False))
     model = keras.models.clone_model(like)
     model.load_weights(str(path))
     return model
@@ -329,14 +333,21 @@ def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation
 
 
 def run_mining(run: Run, cfg: MineConfig, log: Callable[[str], Any] = print) -> MineResult:
-    """Stage 2 on ``run`` (its history, final model, ``x_validation`` and trace layers);
-    writes ``ats/data.npz`` and ``ats/stats.json``."""
+    """Stage 2 on ``run`` (its history, final model, ``x_validation`` but the held-out images
+    of ``holdout.npz`` if any, and trace layers); writes ``ats/data.npz`` and ``stats.json``."""
     cfg = cfg.resolved(run.dataset_name)
     epochs = run.history_epochs()
     data = run.data()
+    # Validation images held out for the learning-rate selection (tuning) are never mined.
+    keep = np.arange(len(data.y_validation))
+    if run.file(layout.HOLDOUT).is_file():
+        keep = np.setdiff1d(keep, io.read_npz(run.file(layout.HOLDOUT))["idx"])
+        log(f"{len(data.y_validation) - len(keep)} validation images are held out "
+            f"({layout.HOLDOUT}); mining the other {len(keep)}")
     result = mine([functools.partial(run.load_model, e) for e in epochs], run.load_model(),
-                  data.x_validation, data.y_validation, run.trace_layers, cfg, epochs=epochs,
-                  log=log)
+                  data.x_validation[keep], data.y_validation[keep], run.trace_layers, cfg,
+                  epochs=epochs, log=log)
+    result = replace(result, index=keep[result.index])  # indices into the whole x_validation
     io.write_npz(run.file(layout.MINED), x=result.x, y=result.y, anchor=result.anchor,
                  epoch=result.epoch, index=result.index, patches=result.patches,
                  **{TARGET + n: t for n, t in result.targets.items()})

@@ -19,20 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from darekit import io, layout
-from darekit.adv_finetune import AdvFinetuneConfig, adv_finetune
+from darekit.adv_finetune import AdvFinetuneConfig, adv_finetune, finetune_run, save_finetuned
 from darekit.adv_finetune import model_name as adv_model_name
 from darekit.adv_training import AdvTrainConfig, adv_train
 from darekit.advsets import GenerateConfig, adv_path, generate
 from darekit.attacks import DEFAULT_ATTACKS
-from darekit.dare import VARIANTS, DareConfig, run_dare
+from darekit.dare import VARIANTS, DareConfig, run_dare, save_result, tune_run
+from darekit.data import load_dataset, make_split
 from darekit.errors import DareError
 from darekit.evaluate import EvalConfig, SearchConfig, evaluate_run
 from darekit.finetune import FinetuneConfig
 from darekit.mining import MineConfig, run_mining
 from darekit.paths import runs_dir
 from darekit.rundir import Run
+from darekit.seeding import set_seed
 from darekit.slicing import SliceConfig, run_slicing
 from darekit.training import TrainConfig, train
+from darekit.tuning import SelectConfig, select, write_holdout
 
 PGD_AT_MODEL = "pgd-at"
 
@@ -52,7 +55,15 @@ class Profile:
     pgd_at: dict[str, Any]                # AdvTrainConfig overrides (Madry's recipe else)
     evaluate: EvalConfig
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per attack
+    # Attack budgets for crafting the fine-tuning sets, per attack (None: attack_params). An
+    # adversarial example to train on need not be minimal: a cheaper C&W serves.
+    generate_params: dict[str, dict[str, Any]] | None = None
     baselines: tuple[str, ...] | None = None  # attacks with a fine-tuning baseline; None: all
+    select: SelectConfig | None = None  # a learning-rate sweep per method; None: defaults
+    deterministic: bool = False  # TF op determinism in every stage: a seed repeats bit for bit
+    # The (dataset, architecture) pairs the profile's scales were chosen for; None: any.
+    datasets: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None
 
 
 QUICK_CROSSCHECK = {"apgd_iter": 50, "dlr_targets": 1, "square_queries": 300}
@@ -78,6 +89,35 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         evaluate=EvalConfig(n=100, search=SearchConfig(), crosscheck_n=50,
                             crosscheck_params=QUICK_CROSSCHECK),
         baselines=("fgsm", "pgd"),
+        deterministic=True,
+    ),
+    Profile(
+        name="study",
+        doc="a verdict at CPU scale (issue 9; docs/results.md): AlexNet on real Fashion-MNIST, "
+            "a 20,000-image class-balanced subset (10,000 x_train, 10,000 x_validation), 30 "
+            "epochs, exact slicing of 50 images per class, all of x_validation mined but the "
+            "1,000 held out for the learning-rate selection, every method tuned at 3 rates a "
+            "decade apart, all five attacks each with its baseline (2,000 adversarial "
+            "examples), 500 test images with the precise search, each baseline evaluated "
+            "under its own attack, the reduced cross-check on 200 images; deterministic",
+        train={"subset": 20000, "epochs": 30, "lr": 0.01, "milestones": (20, 26),
+               "test_subset": 2000},
+        slice=SliceConfig(max_per_class=50),
+        mine=MineConfig(),
+        dare={"epochs": 5},
+        generate=GenerateConfig(n=2000),
+        # Crafting sets to train on: C&W and DeepFool need not be minimal there (a third of
+        # the evaluation budget; docs/evaluation.md).
+        generate_params={"cw": {"binary_search_steps": 1, "steps": 100}},
+        adv_finetune=AdvFinetuneConfig(finetune=FinetuneConfig(lr=1e-3, epochs=5)),
+        pgd_at={"subset": 20000, "epochs": 30, "lr": 0.01, "milestones": (20, 26),
+                "test_subset": 1000},
+        evaluate=EvalConfig(n=500, search=SearchConfig(), crosscheck_n=200,
+                            crosscheck_params=QUICK_CROSSCHECK, baselines="own"),
+        select=SelectConfig(),
+        deterministic=True,
+        datasets=("fashion_mnist",),
+        models=("alexnet",),
     ),
     Profile(
         name="paper",
@@ -93,6 +133,30 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         pgd_at={},
         evaluate=EvalConfig(n=1000),
     ),
+    Profile(
+        name="dry",
+        doc="a dry run that measures nothing and proves a configuration runs: every stage at "
+            "its smallest scale (1 epoch on 400 images: 20 steps, about the fewest after which "
+            "VGG classifies some inputs, which slicing and mining need; 2 images per class "
+            "sliced exactly, 40 inputs mined, 1 epoch per DARE variant and baseline, 10 "
+            "adversarial examples per attack, 10 test images, attacks of 1-2 steps at the "
+            "budget only, a 1-iteration cross-check)",
+        train={"subset": 400, "epochs": 1, "batch_size": 10, "lr": 0.002, "warmup_epochs": 0,
+               "test_subset": 10},
+        slice=SliceConfig(max_per_class=2),
+        mine=MineConfig(max_inputs=40, eps_mine=0.3),
+        dare={"epochs": 1},
+        generate=GenerateConfig(n=10, progress=False),
+        adv_finetune=AdvFinetuneConfig(finetune=FinetuneConfig(epochs=1)),
+        pgd_at={"subset": 100, "epochs": 1, "batch_size": 25, "test_subset": 10},
+        evaluate=EvalConfig(n=10, jit_compile=False,
+                            search=SearchConfig(max_rounds=1), crosscheck_n=10,
+                            crosscheck_params={"apgd_iter": 1, "dlr_targets": 1,
+                                               "square_queries": 1}),
+        attack_params={"pgd": {"steps": 2}, "bim": {"steps": 2},
+                       "deepfool": {"steps": 2, "candidates": 2},
+                       "cw": {"binary_search_steps": 1, "steps": 2}},
+    ),
 )}
 
 
@@ -107,6 +171,10 @@ class Study:
     run_dir: Path | None = None
     pgd_at: bool = False
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
+
+    def __post_init__(self) -> None:
+        if self.run_dir is not None:  # a str from a notebook is fine too
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
 
     @property
     def path(self) -> Path:
@@ -129,6 +197,7 @@ class Stage:
 def _train(s: Study) -> None:
     cfg = TrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.train},
                               seed=s.seed, run_dir=str(s.path),
+                              deterministic=s.profile.deterministic or None,
                               resume=(s.path / layout.CONFIG).is_file())
     train(cfg)
 
@@ -144,11 +213,48 @@ def _pgd_at(s: Study) -> None:
     sub = s.path / layout.PGD_AT_RUN
     cfg = AdvTrainConfig.resolve(s.model, s.dataset, **{"verbose": 2, **s.profile.pgd_at},
                                  seed=s.seed, run_dir=str(sub),
+                                 deterministic=s.profile.deterministic or None,
                                  resume=(sub / layout.CONFIG).is_file())
     pgd_run = adv_train(cfg)
     # Same architecture, same seed and subset, hence the same x_train: the PGD-trained
     # classifier is one more model of this run for the evaluation.
     Run(s.path).save_model(pgd_run.load_model(), PGD_AT_MODEL)
+
+
+def _select_dare(s: Study, variant: str) -> None:
+    """DARE variant ``variant`` at the learning rate the sweep selects (``darekit.tuning``)."""
+    run = Run.open(s.path)
+    base = DareConfig(variant=variant, verbose=0, **s.profile.dare).resolved(run.dare_lr)
+    results = {}
+
+    def candidate(lr: float):
+        res = tune_run(run, dataclasses.replace(base, lr=lr),
+                       log_path=run.file(f"{layout.TUNE_DIR}/{variant}-lr{lr:g}_log.csv"))
+        results[lr] = res
+        return res.model, res.status, res.summary
+
+    lr, _ = select(run, variant, base.lr, candidate, s.profile.select)
+    chosen = results[lr] if lr is not None else next(iter(results.values()))
+    save_result(run, dataclasses.replace(base, lr=chosen.summary["lr"]), chosen)
+
+
+def _select_adv(s: Study, attack: str) -> None:
+    """Adversarial fine-tuning on ``attack`` at the learning rate the sweep selects."""
+    run = Run.open(s.path)
+    base = s.profile.adv_finetune
+    results = {}
+
+    def candidate(lr: float):
+        cfg = dataclasses.replace(base, finetune=dataclasses.replace(base.finetune, lr=lr))
+        model, status, _, meta = finetune_run(
+            run, attack, cfg, verbose=0,
+            log_path=run.file(f"{layout.TUNE_DIR}/{adv_model_name(attack)}-lr{lr:g}_log.csv"))
+        results[lr] = (model, status, meta)
+        return model, status, meta
+
+    lr, _ = select(run, adv_model_name(attack), base.finetune.lr, candidate, s.profile.select)
+    save_finetuned(run, attack, *(results[lr] if lr is not None
+                                  else next(iter(results.values()))))
 
 
 def evaluation_config(s: Study) -> EvalConfig:
@@ -159,33 +265,67 @@ def evaluation_config(s: Study) -> EvalConfig:
         a: s.profile.attack_params[a] for a in s.attacks if a in s.profile.attack_params})
 
 
+def check(s: Study, data: bool = True) -> None:
+    """Everything about a job that can be wrong before any work: the profile's dataset and
+    architecture, the training options, and (``data``: loading the dataset) the sizes the data
+    must hold (the training subset, the held-out images, the test images). Raises
+    ``DareError``."""
+    p = s.profile
+    for what, value, allowed in (("dataset", s.dataset, p.datasets),
+                                 ("model", s.model, p.models)):
+        if allowed is not None and value not in allowed:
+            raise DareError(f"profile {p.name!r} is for --{what} {','.join(allowed)}; "
+                            f"received {value!r}")
+    cfg = TrainConfig.resolve(s.model, s.dataset, **p.train, seed=s.seed)
+    if not data:
+        return
+    ds = load_dataset(s.dataset)
+    if cfg.subset is not None and cfg.subset > len(ds.y_train):
+        raise DareError(f"profile {p.name!r} trains on a subset of {cfg.subset} images; "
+                        f"{s.dataset} has {len(ds.y_train)}")
+    split = make_split(ds.y_train, s.seed, cfg.subset)  # raises when a class is too small
+    n_val = len(split.validation_idx)
+    needs = [("test images evaluated", p.evaluate.n, len(ds.y_test))]
+    if p.select is not None:
+        needs.append(("x_validation images held out for the selection", p.select.holdout,
+                      n_val - 1))
+    for what, n, have in needs:
+        if n is not None and n > have:
+            raise DareError(f"profile {p.name!r} needs {n} {what}; this split has {have}")
+
+
 def _stages(s: Study) -> list[Stage]:
     run = lambda: Run.open(s.path)
     stages = [
         Stage("train", _trained, _train),
         Stage("slice", lambda s: (s.path / layout.MASKS).is_file(),
               lambda s: run_slicing(run(), s.profile.slice)),
-        Stage("mine", lambda s: (s.path / layout.MINED).is_file(),
-              lambda s: run_mining(run(), s.profile.mine)),
     ]
+    if s.profile.select is not None:
+        stages.append(Stage("holdout", lambda s: (s.path / layout.HOLDOUT).is_file(),
+                            lambda s: write_holdout(run(), s.profile.select)))
+    stages.append(Stage("mine", lambda s: (s.path / layout.MINED).is_file(),
+                        lambda s: run_mining(run(), s.profile.mine)))
     finished = lambda s, name: Run(s.path).model_path(name).is_file() or \
         name in Run(s.path).diverged_models()
     for v in VARIANTS:
-        stages.append(Stage(v, lambda s, v=v: finished(s, v),
-                            lambda s, v=v: run_dare(run(), DareConfig(variant=v, verbose=2,
-                                                                      **s.profile.dare))))
+        tune_v = (lambda s, v=v: _select_dare(s, v)) if s.profile.select is not None else \
+            (lambda s, v=v: run_dare(run(), DareConfig(variant=v, verbose=2, **s.profile.dare)))
+        stages.append(Stage(v, lambda s, v=v: finished(s, v), tune_v))
     baselines = s.attacks if s.profile.baselines is None else \
         tuple(a for a in s.attacks if a in s.profile.baselines)
     for a in baselines:
+        crafting = s.profile.attack_params if s.profile.generate_params is None else \
+            s.profile.generate_params
         gen = dataclasses.replace(s.profile.generate, attacks=(a,),
-                                  params=dict(s.profile.attack_params.get(a, {})))
+                                  params=dict(crafting.get(a, {})))
         stages.append(Stage(f"generate {a}", lambda s, a=a: adv_path(Run(s.path), "train",
                                                                      a).is_file(),
                             lambda s, a=a, gen=gen: generate(run(), gen, a)))
-        stages.append(Stage(f"adv-finetune {a}",
-                            lambda s, a=a: finished(s, adv_model_name(a)),
-                            lambda s, a=a: adv_finetune(run(), a, s.profile.adv_finetune,
-                                                        verbose=2)))
+        tune_a = (lambda s, a=a: _select_adv(s, a)) if s.profile.select is not None else \
+            (lambda s, a=a: adv_finetune(run(), a, s.profile.adv_finetune, verbose=2))
+        stages.append(Stage(f"adv-finetune {a}", lambda s, a=a: finished(s, adv_model_name(a)),
+                            tune_a))
     if s.pgd_at:
         stages.append(Stage("pgd-at", lambda s: Run(s.path).model_path(PGD_AT_MODEL).is_file(),
                             _pgd_at))
@@ -196,6 +336,8 @@ def _stages(s: Study) -> list[Stage]:
 
 def reproduce(s: Study, log: Callable[[str], Any] = print) -> Run:
     """Run every stage of one job that has not finished; return the run."""
+    if s.profile.deterministic:
+        set_seed(s.seed, deterministic=True)  # op determinism is process-wide: every stage
     stages = _stages(s)
     io.write_json(s.path / layout.REPRODUCE, {
         "dataset": s.dataset, "model": s.model, "profile": s.profile.name, "seed": s.seed,
@@ -252,13 +394,39 @@ def write_combined(studies: Sequence[Study], out: Path | None = None) -> Path:
 
 
 def reproduce_all(studies: Sequence[Study], log: Callable[[str], Any] = print) -> Path | None:
-    """Run the jobs one after the other; with more than one, write the combined report."""
+    """Run the jobs one after the other in this process. A finished job (``darekit.sweep``'s
+    rule) is skipped as a whole; a job that ran every stage is marked finished. With several
+    jobs, one that fails is logged and the others still run; then the combined report covers
+    every finished job, and a ``DareError`` names the failed ones. ``reproduce.py`` runs
+    several jobs through ``darekit.sweep`` instead (each in its own process)."""
+    from darekit import sweep
+
+    for s in studies:
+        check(s)
+    failed: list[str] = []
     for k, s in enumerate(studies, 1):
         if len(studies) > 1:
             log(f"=== job {k}/{len(studies)}: {s.dataset} {s.model} seed {s.seed} -> {s.path}")
-        reproduce(s, log)
+        if sweep.finished(s.path, sweep.identity(s)):
+            log(f"finished already, skipped (report: {s.path / layout.REPORT}; "
+                f"python dare/test.py --run-dir {s.path} evaluates it again)")
+            continue
+        try:
+            reproduce(s, log)
+        except Exception as e:
+            if len(studies) == 1:
+                raise
+            log(f"job failed: {type(e).__name__}: {e}")
+            failed.append(f"{s.dataset} {s.model} seed {s.seed} ({type(e).__name__}: {e})")
+            continue
+        sweep.mark_finished(s.path)
+    path = None
     if len(studies) > 1:
-        path = write_combined(studies)
-        log(f"combined report: {path}")
-        return path
-    return None
+        done = [s for s in studies if sweep.finished(s.path, sweep.identity(s))]
+        if done:
+            path = write_combined(done, combined_dir(studies))
+            log(f"combined report: {path}")
+    if failed:
+        raise DareError(f"{len(failed)} of {len(studies)} jobs failed: " + "; ".join(failed))
+    return path
+

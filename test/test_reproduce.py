@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from conftest import call_script
 
@@ -91,6 +92,39 @@ def test_cli_rejects_bad_options():
     assert proc.returncode == 2 and "unknown attack" in proc.stderr
 
 
+def test_the_study_profile_is_checked_before_any_work(tmp_path, monkeypatch):
+    """The study's scales were chosen for AlexNet on Fashion-MNIST; another architecture, or
+    data too small for its subset or its held-out images, is one error line, nothing run."""
+    from darekit.data import Dataset
+    from darekit.errors import DareError
+
+    study = PROFILES["study"]
+    assert study.deterministic and PROFILES["quick"].deterministic and study.select is not None
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("DAREKIT_RUNS", str(runs))
+    proc = call_script("reproduce.py", "--profile", "study", "--model", "smallcnn")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: profile 'study' is for --model alexnet; received 'smallcnn'")
+    real = reproduce.load_dataset("fashion_mnist")
+
+    def shrunk(n):
+        return lambda name: Dataset(name, real.x_train[:n], real.y_train[:n], real.x_test,
+                                    real.y_test, real.class_names)
+
+    s = Study(dataset="fashion_mnist", model="alexnet", profile=study, run_dir=tmp_path / "s")
+    reproduce.check(s)  # the real data hold the study
+    monkeypatch.setattr(reproduce, "load_dataset", shrunk(19999))
+    with pytest.raises(DareError, match="subset of 20000 images; fashion_mnist has 19999"):
+        reproduce.check(s)
+    # Enough images, but the held-out set takes all of a small x_validation.
+    small = dataclasses.replace(study, train={**study.train, "subset": 2000})
+    monkeypatch.setattr(reproduce, "load_dataset", shrunk(5000))
+    with pytest.raises(DareError, match="needs 1000 x_validation images held out"):
+        reproduce.check(dataclasses.replace(s, profile=small))
+    reproduce.check(dataclasses.replace(s, profile=small), data=False)  # --list-jobs
+    assert not runs.exists() and not s.path.exists()
+
+
 def test_profile_fields_match_stage_configs():
     # Every train override is a TrainConfig field; a typo would only fail deep in a real run.
     from darekit.training import TrainConfig
@@ -98,3 +132,47 @@ def test_profile_fields_match_stage_configs():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for p in PROFILES.values():
         assert set(p.train) <= fields and set(p.pgd_at) <= fields
+
+
+DETERMINISTIC_STUDY = """
+import dataclasses, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_reproduce import TINY
+from darekit import reproduce
+from darekit.advsets import GenerateConfig
+from darekit.mining import MineConfig
+profile = dataclasses.replace(
+    TINY, deterministic=True, train={{**TINY.train, "subset": 600, "epochs": 2}},
+    mine=MineConfig(max_inputs=60), generate=GenerateConfig(n=40, progress=False),
+    evaluate=dataclasses.replace(TINY.evaluate, n=16, crosscheck_n=10), baselines=("pgd",))
+study = reproduce.Study(dataset="fashion_mnist", model="smallcnn", profile=profile,
+                        run_dir={run!r}, attacks=("fgsm", "pgd"))
+reproduce.reproduce(study, log=lambda s: None)
+"""
+
+
+@pytest.mark.slow
+def test_a_deterministic_study_repeats_bit_for_bit(tmp_path):
+    """Two runs of one seed in deterministic mode give identical results.csv (every figure,
+    intervals included) and identical weights of every model. Each run is its own process:
+    op determinism is process-wide and would slow every later test."""
+    import subprocess
+    import sys
+
+    from darekit.paths import ROOT
+
+    paths = [tmp_path / "a", tmp_path / "b"]
+    for path in paths:
+        code = DETERMINISTIC_STUDY.format(root=str(ROOT), tests=str(ROOT / "test"),
+                                          run=str(path))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (p / "eval" / "results.csv" for p in paths)
+    assert a.read_bytes() == b.read_bytes()
+    ra, rb = Run.open(paths[0]), Run.open(paths[1])
+    assert set(ra.named_models()) == {"original", "dare", "dare-s", "dare-sl", "adv-pgd"}
+    for name in ra.named_models():
+        wa = ra.load_named(name).get_weights()
+        wb = rb.load_named(name).get_weights()
+        assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True)), name

@@ -87,7 +87,7 @@ register(Architecture(
     builder=build_resnet18,
     trace_layers=tuple(f"stage{len(STAGES)}_block{b}_out"
                        for b in range(1, BLOCKS_PER_STAGE + 1)),
-    dare_lr=1e-3,
+    dare_lr=0.01,  # untested at scale (AlexNet 0.03, smallcnn 3e-4)
     train_defaults=dict(RESNET_TRAIN_DEFAULTS),
     paper_params=11_173_962,
 ))

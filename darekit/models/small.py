@@ -32,7 +32,8 @@ register(Architecture(
     name="smallcnn",
     builder=build_smallcnn,
     trace_layers=("block2_relu1", "fc1_relu"),
-    dare_lr=1e-3,
+    # DARE trained stably from 1e-4 to 1e-3 and diverged at 1e-2 (DARE-S up to 0.1).
+    dare_lr=3e-4,
     # Adam converges in a handful of epochs on Fashion-MNIST subsets, which is what tests need.
     train_defaults={"epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 1e-3,
                     "weight_decay": 0.0, "schedule": "constant", "augment": "none"},
