@@ -1,5 +1,6 @@
 """Packaging for darekit. ``pip install -e .[cpu]`` (or ``[gpu]``) installs the package and
-TensorFlow; the scripts under train/, adv/ and dare/ also run from a bare checkout."""
+TensorFlow, ``[cluster]`` adds Ray for ``reproduce.py --engine ray``; the scripts under train/,
+adv/ and dare/ also run from a bare checkout."""
 
 from pathlib import Path
 
@@ -23,6 +24,8 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu{tf_spec}"],
         "gpu": [f"tensorflow[and-cuda]{tf_spec}"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "ray>=2.9"],
+        # reproduce.py --engine ray: one Ray task per job on a cluster (darekit.sweep).
+        "cluster": ["ray[default]>=2.9"],
     },
 )

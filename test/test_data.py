@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import pickle
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+from fake_datasets import idx_bytes as _idx_bytes
+from fake_datasets import write_cifar10 as _write_cifar
+from fake_datasets import write_fashion_mnist as _write_fashion
+from fake_datasets import write_svhn as _write_svhn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,51 +39,9 @@ def _no_system_dirs(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
 
 # ------------------------------------------------------------------ writers of official formats
-# Each takes NHWC uint8 images and 0..9 labels and writes them the way the official files do.
+# In fake_datasets.py (the dry run of the whole study writes its datasets with them too).
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _write_cifar(folder: Path, x_tr: np.ndarray, y_tr: np.ndarray,
-                 x_te: np.ndarray, y_te: np.ndarray, protocol: int = 2) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def batch(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-        # Rows of 3072 bytes: the R plane, then G, then B, each 32x32 row-major.
-        d = {b"batch_label": b"fake", b"labels": [int(v) for v in y],
-             b"data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072), b"filenames": []}
-        path.write_bytes(pickle.dumps(d, protocol=protocol))
-
-    parts = zip(np.array_split(x_tr, 5), np.array_split(y_tr, 5), strict=True)
-    for i, (xs, ys) in enumerate(parts, 1):
-        batch(folder / f"data_batch_{i}", xs, ys)
-    batch(folder / "test_batch", x_te, y_te)
-    meta = {b"label_names": [n.encode() for n in DATASETS["cifar10"].class_names]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
-
-
-def _write_svhn(folder: Path, x_tr: np.ndarray, y_tr: np.ndarray,
-                x_te: np.ndarray, y_te: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for fname, x, y in (("train_32x32.mat", x_tr, y_tr), ("test_32x32.mat", x_te, y_te)):
-        # X is (H, W, C, N); the digit 0 is stored as label 10, y is (N, 1).
-        scipy.io.savemat(folder / fname, {"X": x.transpose(1, 2, 3, 0),
-                                          "y": np.where(y == 0, 10, y).reshape(-1, 1)})
-
-
-def _idx_bytes(magic: int, dims: tuple[int, ...], payload: np.ndarray) -> bytes:
-    return struct.pack(f">{1 + len(dims)}i", magic, *dims) + payload.astype(np.uint8).tobytes()
-
-
-def _write_fashion(folder: Path, x_tr: np.ndarray, y_tr: np.ndarray,
-                   x_te: np.ndarray, y_te: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, x, y in (("train", x_tr, y_tr), ("t10k", x_te, y_te)):
-        n, h, w, _ = x.shape
-        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(_idx_bytes(2051, (n, h, w), x)))
-        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(_idx_bytes(2049, (n,), y)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +176,7 @@ def test_corrupt_cifar_pickle_names_file(_isolated: Path) -> None:
         load_dataset("cifar10")
 
 
+@pytest.mark.slow
 def test_real_debian_fashion_mnist() -> None:
     if not all(data.FASHION_MNIST_SYSTEM_DIR.joinpath(f).is_file()
                for f in DATASETS["fashion_mnist"].files):
