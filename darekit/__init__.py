@@ -17,3 +17,30 @@ import os as _os
 if _os.environ.get("DAREKIT_TF_LOGS") != "1":
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _logging.getLogger("tensorflow").setLevel(_logging.ERROR)
+
+# The model-first API, one import away: ``import darekit as dk; dk.tune(model, ...)``.
+# Resolved on first use, so that ``import darekit`` stays cheap.
+API = {
+    "load_dataset": "darekit.data", "make_split": "darekit.data",
+    "import_model": "darekit.importer", "find_checkpoints": "darekit.importer",
+    "find_trace_layers": "darekit.slicing", "slice_model": "darekit.slicing",
+    "SliceConfig": "darekit.slicing",
+    "mine": "darekit.mining", "MineConfig": "darekit.mining",
+    "tune": "darekit.dare", "DareConfig": "darekit.dare",
+    "adversarial_finetune": "darekit.adv_finetune", "AdvFinetuneConfig": "darekit.adv_finetune",
+    "evaluate_attack": "darekit.evaluate", "SearchConfig": "darekit.evaluate",
+    "cross_check": "darekit.crosscheck", "CrossCheckConfig": "darekit.crosscheck",
+    "Run": "darekit.rundir",
+}
+
+
+def __getattr__(name: str):
+    if name in API:
+        import importlib
+
+        return getattr(importlib.import_module(API[name]), name)
+    raise AttributeError(f"module 'darekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *API])
