@@ -64,9 +64,12 @@ DEFINITIONS = {
                     "(within eps_max for fixed-epsilon attacks)",
     "robust_accuracy": "fraction of all N inputs still classified correctly under the attack "
                        "at the budget",
-    "min_eps_search": "fixed-epsilon attacks: each input is attacked at the budget, then its "
-                      "epsilon is doubled (up to eps_max) or bisected until its bracket "
-                      "satisfies hi - lo <= tol * hi; ER is computed at hi",
+    "min_eps_search": "fixed-epsilon attacks: each input is attacked at the budget; one not "
+                      "fooled is retried where its logit margin extrapolates to 0 (1.1-4x its "
+                      "largest failing epsilon, up to eps_max); a fooled input's bracket "
+                      "[lo, hi] is narrowed at the secant estimate of its margin's zero "
+                      "(bisection when a round did not halve it) until hi - lo <= tol * hi; "
+                      "ER is computed at hi",
     "bracket": "largest (hi - lo) / hi over the fooled inputs when the search stopped: ER "
                "overstates the bracketed minimal perturbation by at most bracket / (1 - "
                "bracket)",
