@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -27,6 +26,7 @@ from darekit.config import option
 from darekit.errors import DareError
 from darekit.finetune import FinetuneConfig, diverged, finetune_ce, tensorboard
 from darekit.rundir import Run
+from darekit.seeding import set_seed
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,14 @@ def finetune_run(run: Run, attack: str, cfg: AdvFinetuneConfig, *, verbose: int 
     if verbose:
         print(f"adv-{attack}: {dist.summary(ft.batch_size)}")
     with dist.scope():  # the classifier is built, compiled and fitted on --devices
+        set_seed(ft.seed)  # before the build: dropout draws its seeds then (see dare.tune_run)
         model = run.load_model()
         status, rows = adversarial_finetune(model, x, y, cfg, eval_sets=run.eval_sets(),
                                             log_path=log_path, verbose=verbose,
                                             extra={"attack": attack},
-                                            callbacks=tensorboard(ft.tensorboard, run.file(
-                                                layout.tensorboard(Path(log_path).stem.removesuffix("_log")))))
+                                            callbacks=tensorboard(
+                                                ft.tensorboard,
+                                                run.file(layout.tensorboard_for(log_path))))
     if dist.replicas > 1 or dist.precision != "float32":
         model = distribute.plain_copy(model, run.build_model)
     return model, status, rows, meta

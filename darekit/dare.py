@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -287,6 +286,8 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
     ``eval_sets`` (``{name: (x, y)}``) are logged per epoch, to ``log_path`` (CSV) if given;
     ``callbacks`` join ``fit``'s (e.g. ``finetune.tensorboard(...)``).
     A run whose weights become NaN or inf is returned with ``status="diverged"``.
+    ``cfg.seed`` seeds the shuffling; dropout masks come from the seeds ``model``'s layers drew
+    when it was built: call ``seeding.set_seed`` before building it for a repeatable run.
     """
     t0 = time.perf_counter()
     variant = VARIANTS[cfg.variant]
@@ -348,14 +349,17 @@ def tune_run(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print,
         f"{cfg.epochs} epochs, batch {cfg.batch_size}")
     log(dist.summary(cfg.batch_size))
     with dist.scope():  # the classifier, and R sharing its layers, live on --devices
+        # Seeded before the model is built: its dropout layers draw their seeds then, so the
+        # run depends on cfg.seed alone, not on what ran earlier in this process.
+        set_seed(cfg.seed)
         model = run.load_model()
         units = {n: int(model.get_layer(n).output.shape[-1]) for n in layers}
         masks = load_masks(run, units, int(model.output.shape[-1])) if variant.use_slice \
             else None
         result = tune(model, mined, cfg, masks=masks, layers=layers,
                       eval_sets=run.eval_sets(), log_path=log_path,
-                      callbacks=tensorboard(cfg.tensorboard, run.file(
-                          layout.tensorboard(Path(log_path).stem.removesuffix("_log")))))
+                      callbacks=tensorboard(cfg.tensorboard,
+                                            run.file(layout.tensorboard_for(log_path))))
     if dist.replicas > 1 or dist.precision != "float32":
         result = replace(result, model=distribute.plain_copy(result.model, run.build_model))
     return replace(result, summary={**result.summary, "log": str(log_path),

@@ -25,6 +25,7 @@ Paths are relative to the run directory (``Run.file(rel)`` makes them absolute):
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 CONFIG = "config.json"
 SPLIT = "split.npz"
@@ -126,6 +127,13 @@ def eval_part(model: str, attack: str) -> str:
 def tensorboard(stage: str) -> str:
     """``tensorboard/<stage>/``: TensorBoard logs of a training or fine-tuning stage."""
     return f"{TENSORBOARD}/{stage}"
+
+
+def tensorboard_for(log_path: str | Path) -> str:
+    """The TensorBoard folder of a fine-tuning whose epoch log is ``log_path``:
+    ``dare/dare-s_log.csv`` -> ``tensorboard/dare-s``, ``tune/adv-pgd-lr0.01_log.csv`` ->
+    ``tensorboard/adv-pgd-lr0.01`` (each candidate of a sweep gets its own)."""
+    return tensorboard(Path(log_path).stem.removesuffix("_log"))
 
 
 def tune_file(method: str) -> str:
