@@ -1,0 +1,79 @@
+"""The TensorFlow side of the seam (see ``darekit.backend``)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import tensorflow as tf
+
+_DEVICE_RE = re.compile(r"^(?:.*/)?(?:device:)?(cpu|gpu|tpu):(\d+)$", re.IGNORECASE)
+
+
+def jit(fn, *, jit_compile=True):
+    # reduce_retracing: one trace serves every batch size (bisections shrink their sets).
+    return tf.function(fn, jit_compile=bool(jit_compile), reduce_retracing=True)
+
+
+def value_and_grad(fn):
+    def g(x, *args):
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            v = fn(x, *args)
+        return v, tape.gradient(v, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return g
+
+
+def stateless_uniform(shape, seed, minval, maxval):
+    return tf.random.stateless_uniform(shape, tf.cast(seed, tf.int64), minval, maxval,
+                                       dtype=tf.float32)
+
+
+def seed_array(*parts):
+    return tf.constant([int(p) for p in parts], tf.int64)
+
+
+def enable_determinism():
+    tf.config.experimental.enable_op_determinism()
+
+
+def op_determinism():
+    from tensorflow.python.framework import config  # no public getter in TF 2.21
+
+    return bool(config.is_op_determinism_enabled())
+
+
+def xla_allowed(jit_compile):
+    # TF 2.21 refuses to compile max-pooling gradients deterministically with XLA ("MaxPool
+    # gradient ops do not yet have a deterministic XLA implementation", on the CPU too).
+    return bool(jit_compile) and not op_determinism()
+
+
+def visible_devices(kind=None):
+    out = []
+    for d in tf.config.list_logical_devices(kind):
+        m = _DEVICE_RE.match(d.name)
+        if m:
+            out.append(f"{m.group(1).upper()}:{int(m.group(2))}")
+    return out
+
+
+def versions():
+    return {"tensorflow": tf.__version__}
+
+
+def foolbox_model(model, bounds):
+    import foolbox as fb
+
+    return fb.TensorFlowModel(model, bounds=bounds)
+
+
+def foolbox_tensors(x, y):
+    # Foolbox 3 under NumPy 2 needs tensors (eagerpy's NumPy path breaks), labels int64.
+    return (tf.convert_to_tensor(np.asarray(x, np.float32)),
+            tf.convert_to_tensor(np.asarray(y).astype(np.int64)))
+
+
+def seed_foolbox(seed):
+    tf.random.set_seed(int(seed))
