@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 runtime = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
-           if line.strip() and not line.startswith("#") and not line.startswith("tensorflow")]
+           if line.strip() and not line.startswith(("#", "tensorflow", "jax"))]
 tf_spec = ">=2.16,<2.22"
 
 setup(
@@ -24,6 +24,8 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu{tf_spec}"],
         "gpu": [f"tensorflow[and-cuda]{tf_spec}"],
+        # Keras' JAX backend (KERAS_BACKEND=jax); on a GPU install JAX's CUDA build instead.
+        "jax": ["jax[cpu]>=0.10,<0.12"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "ray>=2.9"],
         # reproduce.py --engine ray: one Ray task per job on a cluster (darekit.sweep).
         "cluster": ["ray[default]>=2.9"],

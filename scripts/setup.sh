@@ -31,6 +31,29 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# 1b. A second environment for Keras' JAX backend, without TensorFlow (.venv-jax): the test
+# suite's JAX tier runs there, proving that no stage needs TensorFlow (a GPU machine with JAX
+# and no TensorFlow is the target). DAREKIT_NO_JAX_VENV=1 skips it.
+VENV_JAX="$ROOT/.venv-jax"
+if [ "${DAREKIT_NO_JAX_VENV:-0}" != 1 ]; then
+  if [ ! -x "$VENV_JAX/bin/python" ]; then
+    say "creating $VENV_JAX (Keras on JAX, no TensorFlow)"
+    "$PY" -m venv "$VENV_JAX"
+  fi
+  stamp_jax="$VENV_JAX/.requirements.sha"
+  want_jax="$(cat "$ROOT/requirements-jax.txt" "$ROOT/requirements-dev.txt" "$ROOT/setup.py" | sha1sum | cut -c1-40)"
+  if [ "$(cat "$stamp_jax" 2>/dev/null)" != "$want_jax" ]; then
+    say "installing the JAX requirements into .venv-jax"
+    "$VENV_JAX/bin/python" -m pip install -q --upgrade pip
+    "$VENV_JAX/bin/python" -m pip install -q -r "$ROOT/requirements-jax.txt" "pytest>=8" "hypothesis>=6.100"
+    "$VENV_JAX/bin/python" -m pip install -q --no-deps -e "$ROOT"
+    if "$VENV_JAX/bin/python" -c 'import tensorflow' 2>/dev/null; then
+      say "error: TensorFlow got into .venv-jax; remove it (rm -r .venv-jax) and rerun"; exit 1
+    fi
+    echo "$want_jax" > "$stamp_jax"
+  fi
+fi
+
 # 2. Real Fashion-MNIST: Debian's package when we can install it, else Keras' downloader.
 fm_files="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 have_fm() { for f in $fm_files; do [ -s "$1/$f" ] || return 1; done; }
@@ -62,4 +85,4 @@ PY
     exit 1
   fi
 fi
-say "ready: $("$VENV/bin/python" -c 'import tensorflow as tf, keras, foolbox; print("tensorflow", tf.__version__, "keras", keras.__version__, "foolbox", foolbox.__version__)' 2>/dev/null)"
+say "ready: $("$VENV/bin/python" -c 'import tensorflow as tf, jax, keras, foolbox; print("tensorflow", tf.__version__, "jax", jax.__version__, "keras", keras.__version__, "foolbox", foolbox.__version__)' 2>/dev/null)"

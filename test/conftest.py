@@ -74,9 +74,16 @@ def fm_run(tmp_path_factory) -> Path:
     return path
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Every test that uses the real-data run is a ``slow`` test (the fast tier, ``pytest -m
-    "not slow"``, runs on tiny untrained models only)."""
+    "not slow"``, runs on tiny untrained models only). Under the JAX backend, a
+    ``tensorflow_only`` test is deselected (reported as such, never counted as passed)."""
+    jax = os.environ.get("KERAS_BACKEND", "tensorflow") == "jax"
+    kept, dropped = [], []
     for item in items:
         if "fm_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        (dropped if jax and item.get_closest_marker("tensorflow_only") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
