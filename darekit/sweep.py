@@ -235,9 +235,14 @@ def slot_env(slot: int, workers: int, gpus: Sequence[str],
     GPU its share of the CPU threads. A user's own settings win."""
     if gpus:
         env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
-        if workers > len(gpus) and "TF_FORCE_GPU_ALLOW_GROWTH" not in os.environ:
-            # Several jobs share a GPU: TensorFlow would otherwise reserve all its memory.
+        if workers > len(gpus):
+            # Several jobs share a GPU: TensorFlow would otherwise reserve all its memory, and
+            # JAX 75% of it; each JAX job gets its share (90% of the GPU split evenly).
+            per_gpu = -(-workers // len(gpus))
             env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+            env = {k: v for k, v in env.items() if k not in os.environ}
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         return env
     if workers < 2:
         return {}

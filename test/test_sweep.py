@@ -83,6 +83,12 @@ def test_slot_env_pins_one_gpu_per_worker(monkeypatch):
     assert [sweep.slot_env(k, 3, ["4", "5"])["CUDA_VISIBLE_DEVICES"] for k in range(3)] == \
         ["4", "5", "4"]
     assert sweep.slot_env(2, 3, ["4", "5"])["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    # JAX would take 75% of the GPU in each job: 5 jobs on 2 GPUs share 90% of one by 3.
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert sweep.slot_env(4, 5, ["4", "5"])["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in sweep.slot_env(0, 2, ["4", "5"])
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")  # the user's setting wins
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in sweep.slot_env(4, 5, ["4", "5"])
     # No GPU: the jobs split the cores.
     assert sweep.slot_env(0, 2, [], cpus=8) == {"TF_NUM_INTRAOP_THREADS": "4",
                                                 "OMP_NUM_THREADS": "4"}
