@@ -2,12 +2,16 @@
 
 ``distribution(devices, precision)`` says where and how a stage trains:
 
-- ``devices=None`` (the default): every visible GPU when there are two or more
-  (``tf.distribute.MirroredStrategy``), otherwise no strategy (TensorFlow's default one, on the
-  one GPU or the CPU);
-- ``devices="GPU:0,GPU:1"`` (or logical ``"CPU:0,CPU:1"``, which tests use): those devices,
-  mirrored when there are two or more; a single named device runs without a strategy (placed
-  with ``tf.device`` when it is not TensorFlow's default device, e.g. ``GPU:1``).
+- ``devices=None`` (the default): every visible GPU when there are two or more (data-parallel:
+  ``tf.distribute.MirroredStrategy`` on TensorFlow, ``keras.distribution.DataParallel`` on JAX,
+  through ``darekit.backend.data_parallel``), otherwise no strategy (on the one GPU or the CPU);
+- ``devices="GPU:0,GPU:1"`` (or ``"CPU:0,CPU:1"``, which tests use: logical devices on TF,
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on JAX): those devices, data-parallel
+  when there are two or more; a single named device runs without a strategy (placed there when
+  it is not the backend's default device, e.g. ``GPU:1``).
+
+On JAX, ``DataParallel`` shards each global batch over the devices and runs one SPMD program:
+batch norm and random draws see the global batch without further work, and XLA stays on.
 
 Under a strategy the batch-size options are the *global* batch: each replica computes the
 gradient of ``batch / replicas`` examples, and the replicas' gradients are summed (each replica's
@@ -27,7 +31,8 @@ Limits (Keras 3.15 / TF 2.21):
 - XLA (``jit_compile``) cannot compile a step that runs under ``MirroredStrategy`` (TF refuses to
   read one replica's variables from another's device), and Keras itself turns XLA off under a
   strategy by default: with more than one replica ``jit_compile`` is turned off, and the run says
-  so (``Distribution.jit_compile``).
+  so (``Distribution.jit_compile``). On JAX every step is compiled (its eager mode is about 10x
+  slower), with or without ``DataParallel``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 import keras
 
+from darekit import backend as B
 from darekit.errors import DareError
 from darekit.models import copy_weights
 
@@ -48,7 +54,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 DEVICES_HELP = (
     "devices to train on, comma-separated (e.g. GPU:0,GPU:1; logical CPU:0,CPU:1 in tests): "
-    "two or more train data-parallel with tf.distribute.MirroredStrategy, where the batch size "
+    "two or more train data-parallel with tf.distribute.MirroredStrategy (TensorFlow) or "
+    "keras.distribution.DataParallel (JAX), where the batch size "
     "is the global batch (each replica gets batch/replicas; it must divide evenly); one device "
     "runs without a strategy. One machine only: multi-worker training is broken with Keras 3 "
     "(keras-team/keras#20585)")
@@ -93,42 +100,25 @@ def check_precision(precision: str) -> str:
 
 
 def visible_devices(kind: str | None = None) -> list[str]:
-    """Logical devices TensorFlow sees, as ``TYPE:N`` names (``kind``: only ``"GPU"``...)."""
-    import tensorflow as tf
-
-    out = []
-    for d in tf.config.list_logical_devices(kind):
-        m = _DEVICE_RE.match(d.name)
-        if m:
-            out.append(f"{m.group(1).upper()}:{int(m.group(2))}")
-    return out
-
-
-_STRATEGIES: dict[tuple[str, ...], Any] = {}
-
-
-def _mirrored(devices: tuple[str, ...]):
-    """One ``MirroredStrategy`` per device set and process: a strategy sets up its collective
-    ops once, and models built under one must be trained under the same object."""
-    import tensorflow as tf
-
-    if devices not in _STRATEGIES:
-        _STRATEGIES[devices] = tf.distribute.MirroredStrategy([f"/{d}" for d in devices])
-    return _STRATEGIES[devices]
+    """Devices the backend sees, as ``TYPE:N`` names (``kind``: only ``"GPU"``...)."""
+    return B.visible_devices(kind)
 
 
 @dataclass(frozen=True)
 class Distribution:
     """Where a stage trains (``strategy`` over ``devices``) and in which ``precision``."""
 
-    strategy: Any  # tf.distribute.Strategy (TensorFlow is imported lazily)
+    strategy: Any  # tf.distribute.Strategy, keras.distribution.DataParallel, or None (JAX)
     devices: tuple[str, ...]
     precision: str
     placed: bool = False  # one explicitly named device: ops are placed on it
 
     @property
     def replicas(self) -> int:
-        return int(self.strategy.num_replicas_in_sync)
+        if self.strategy is None:
+            return 1
+        n = getattr(self.strategy, "num_replicas_in_sync", None)  # TF's strategies
+        return int(n) if n is not None else len(self.devices)
 
     @property
     def strategy_name(self) -> str:
@@ -145,7 +135,10 @@ class Distribution:
                             f"of the {self.replicas} replicas ({','.join(self.devices)})")
 
     def jit_compile(self, requested: bool) -> bool:
-        """XLA as requested, except under a multi-replica strategy (see the module docstring)."""
+        """XLA as requested, except under a TF multi-replica strategy; always on JAX (see the
+        module docstring)."""
+        if B.name() == "jax":
+            return True
         return bool(requested) and self.replicas == 1
 
     def describe(self, global_batch: int | None = None) -> dict[str, Any]:
@@ -159,7 +152,7 @@ class Distribution:
 
     def summary(self, global_batch: int | None = None) -> str:
         """One line for the logs."""
-        where = (f"MirroredStrategy over {','.join(self.devices)} ({self.replicas} replicas)"
+        where = (f"{self.strategy_name} over {','.join(self.devices)} ({self.replicas} replicas)"
                  if self.replicas > 1 else f"one device ({self.devices[0]}), no strategy")
         batch = "" if global_batch is None else (
             f", global batch {global_batch} = {self.per_replica_batch(global_batch)} per replica")
@@ -170,19 +163,14 @@ class Distribution:
         """Build, compile and fit inside this: the strategy's scope, the dtype policy (models
         built here compute in ``precision``) and, for one named device, its placement. The
         previous global dtype policy is restored on exit."""
-        import tensorflow as tf
-
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.precision)
         try:
             with contextlib.ExitStack() as stack:
                 if self.replicas > 1:
-                    current = tf.distribute.get_strategy() if tf.distribute.has_strategy() \
-                        else None
-                    if current is not self.strategy:
-                        stack.enter_context(self.strategy.scope())
+                    stack.enter_context(B.parallel_scope(self.strategy))
                 elif self.placed:
-                    stack.enter_context(tf.device(f"/{self.devices[0]}"))
+                    stack.enter_context(B.device_scope(self.devices[0]))
                 yield self
         finally:
             keras.config.set_dtype_policy(previous)
@@ -191,39 +179,32 @@ class Distribution:
 def distribution(devices: str | None = None, precision: str = "float32") -> Distribution:
     """The ``Distribution`` for a ``--devices`` value and a ``--precision`` (see the module
     docstring). Raises ``DareError`` when a named device is not visible."""
-    import tensorflow as tf
-
     check_precision(precision)
     names = parse_devices(devices)
     if names is None:
         gpus = visible_devices("GPU")
         if len(gpus) > 1:
-            return Distribution(_mirrored(tuple(gpus)), tuple(gpus), precision)
+            return Distribution(B.data_parallel(tuple(gpus)), tuple(gpus), precision)
         one = tuple(gpus or ["CPU:0"])[:1]
-        return Distribution(tf.distribute.get_strategy(), one, precision)
+        return Distribution(B.default_strategy(), one, precision)
     visible = visible_devices()
     missing = [n for n in names if n not in visible]
     if missing:
-        raise DareError(f"--devices: {','.join(missing)} not visible to TensorFlow (visible: "
-                        f"{','.join(visible)})")
+        raise DareError(f"--devices: {','.join(missing)} not visible to the {B.name()} backend "
+                        f"(visible: {','.join(visible)})")
     if len(names) == 1:
-        # TensorFlow's default device (the first GPU, else the CPU) needs no placement.
+        # The backend's default device (the first GPU, else the CPU) needs no placement.
         default = (visible_devices("GPU") or ["CPU:0"])[0]
-        return Distribution(tf.distribute.get_strategy(), names, precision,
+        return Distribution(B.default_strategy(), names, precision,
                             placed=names[0] != default)
-    return Distribution(_mirrored(names), names, precision)
+    return Distribution(B.data_parallel(names), names, precision)
 
 
 def model_scope(model: keras.Model) -> contextlib.AbstractContextManager:
     """The scope of the strategy ``model`` was built under, unless it is already the current
     one: compiling and fitting a model (or a model sharing its layers, like DARE's regression
-    model) must happen under the strategy that created its variables."""
-    import tensorflow as tf
-
-    strategy = model.distribute_strategy  # the current one when the model recorded none
-    if strategy is tf.distribute.get_strategy():
-        return contextlib.nullcontext()
-    return strategy.scope()
+    model) must happen under the strategy that created its variables. A no-op on JAX."""
+    return B.model_scope(model)
 
 
 def build_optimizer(model: keras.Model) -> None:
@@ -244,7 +225,13 @@ def synchronize_batch_norm(model: keras.Model, on: bool = True) -> int:
     """Make every ``BatchNormalization`` layer of ``model`` normalise with the statistics of the
     global batch (an all-reduce per layer and step) rather than its replica's share, so a
     multi-replica step computes what the single-device step computes. Returns how many layers.
-    The attribute is read when the step is traced; it does not change the weights file."""
+    The attribute is read when the step is traced; it does not change the weights file.
+
+    TensorFlow only: under JAX's ``DataParallel`` the step is one SPMD program whose batch
+    statistics are those of the global batch already (and Keras refuses the attribute there),
+    so nothing is changed and 0 returned."""
+    if B.name() != "tensorflow":
+        return 0
     n = 0
     stack = list(model.layers)
     while stack:
@@ -261,16 +248,9 @@ def replica_rows(x: Any) -> tuple[Any, Any] | None:
     """``(offset, total)``: where this replica's rows of a batch ``x`` lie in the global batch,
     or ``None`` outside a multi-replica step. Lets a replica draw its slice of a random tensor
     of the global batch's shape, so random draws do not depend on the replica count (the
-    strategy splits a global batch into consecutive slices, in replica order)."""
-    import tensorflow as tf
-
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return None
-    sizes = ctx.all_gather(tf.shape(x, out_type=tf.int64)[:1], axis=0)
-    rid = ctx.replica_id_in_sync_group
-    offset = tf.reduce_sum(sizes[:rid])
-    return offset, tf.reduce_sum(sizes)
+    strategy splits a global batch into consecutive slices, in replica order). TensorFlow
+    only: on JAX a step is one SPMD program over the global batch, so this is ``None``."""
+    return B.replica_rows(x)
 
 
 def plain_copy(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:

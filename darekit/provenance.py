@@ -10,16 +10,18 @@ import subprocess
 from darekit import __version__
 from darekit.paths import ROOT
 
-# Distribution names; TensorFlow is recorded from the module, whichever wheel provided it.
+# Distribution names; the backend (TensorFlow or JAX) is recorded by the seam, from its
+# modules, whichever wheel provided them.
 PACKAGES = ("numpy", "keras", "foolbox", "eagerpy", "adversarial-robustness-toolbox", "scipy",
             "h5py")
 
 
 def package_versions() -> dict[str, str]:
-    import tensorflow as tf
+    """Python, darekit, the Keras backend (``backend``: its name; its packages' versions, from
+    ``darekit.backend.versions``) and the installed ``PACKAGES``."""
+    from darekit import backend as B
 
-    out = {"python": platform.python_version(), "darekit": __version__,
-           "tensorflow": tf.__version__}
+    out = {"python": platform.python_version(), "darekit": __version__, **B.versions()}
     for name in PACKAGES:
         try:
             out[name] = md.version(name)

@@ -1,27 +1,29 @@
-"""One seed per command: Python, NumPy and TensorFlow are seeded together."""
+"""One seed per command: Python, NumPy and the Keras backend are seeded together.
+
+Thin names over the backend seam (``darekit.backend``), kept because the stages import them.
+Across backends the same seed draws different initial weights (and dropout masks); the input
+pipeline's shuffle and augmentation (NumPy) are the same on both.
+"""
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from darekit import backend as B
 
 
 def op_determinism() -> bool:
-    """Whether TensorFlow's op determinism is on (it is process-wide, and cannot be undone)."""
-    from tensorflow.python.framework import config  # no public getter in TF 2.21
-
-    return bool(config.is_op_determinism_enabled())
+    """Whether the backend's ops were made deterministic in this process (TensorFlow: op
+    determinism, process-wide and final; JAX: always on a CPU, on a GPU with XLA's flag)."""
+    return B.op_determinism()
 
 
 def xla_allowed(jit_compile: bool) -> bool:
-    """``jit_compile``, unless op determinism is on: TF 2.21 refuses to compile max-pooling
-    gradients deterministically with XLA ("MaxPool gradient ops do not yet have a deterministic
-    XLA implementation", on the CPU too), so deterministic runs attack and train without XLA."""
-    return bool(jit_compile) and not op_determinism()
+    """``jit_compile``, unless TensorFlow's op determinism is on (TF 2.21 has no deterministic
+    XLA max-pooling gradient, so deterministic runs attack and train without XLA); on JAX
+    always ``True``."""
+    return B.xla_allowed(jit_compile)
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
-    """Seed every RNG; ``deterministic`` also makes TF ops deterministic (slower)."""
-    keras.utils.set_random_seed(int(seed))
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
+    """Seed every RNG; ``deterministic`` also makes the backend's ops deterministic (slower on
+    TensorFlow; on JAX's GPU the flag must be set before JAX starts, ``B.deterministic_env``)."""
+    B.set_seed(seed, deterministic)

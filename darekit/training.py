@@ -9,17 +9,21 @@ devices of this machine and in mixed precision; the history files are the same e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import math
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from darekit import distribute, io, layout, rundir
 from darekit.config import by_architecture, option
@@ -188,59 +192,108 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
 
 
 # ---------------------------------------------------------------------------- input pipeline
-def _augment_fn(kind: str, shape: tuple[int, int, int], pad: int = 4):
-    """Per-image stateless augmentation ``(x, seed) -> x``: pad-and-crop, optional flip."""
-    h, w, _ = shape
+PAD = 4
+"""Pixels of zero padding around an image before its random crop back to the image's size."""
 
-    def crop(x, seed):
-        x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]])
-        return tf.image.stateless_random_crop(x, shape, seed)
 
-    def crop_flip(x, seed):
-        x = crop(x, seed)
-        return tf.image.stateless_random_flip_left_right(x, seed[::-1])
+def epoch_draws(seed: int, epoch: int, n: int, pad: int = PAD
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Epoch ``epoch``'s order of the ``n`` training images and each image's augmentation:
+    ``(order, dy, dx, flip)``, ``order`` a permutation, and ``dy[i]``, ``dx[i]`` (crop offsets in
+    ``[0, 2 * pad]``) and ``flip[i]`` those of image ``i`` (its index in ``x``, not its place in
+    the order). Drawn from NumPy's generator seeded with ``(seed, epoch)`` alone: the same on
+    every backend, device count and batch size, and after a resume."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    order = rng.permutation(n)
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    flip = rng.integers(0, 2, n).astype(bool)
+    return order, dy, dx, flip
 
-    return {"none": None, "crop": crop, "crop-flip": crop_flip}[kind]
+
+def crop_flip(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray | None,
+              pad: int = PAD) -> np.ndarray:
+    """Images ``x`` ``(B, H, W, C)`` zero-padded by ``pad``, cropped back to ``H x W`` at
+    offsets ``(dy, dx)`` ``(B,)``, and mirrored left-right where ``flip`` ``(B,)``: one fancy
+    index over the batch (no per-image Python)."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = dy[:, None] + np.arange(h)                      # (B, H)
+    cols = dx[:, None] + np.arange(w)                      # (B, W)
+    if flip is not None:
+        cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class TrainBatches:
+    """The training batches of epochs ``initial_epoch..epochs-1``, as NumPy arrays.
+
+    Batch ``s`` of epoch ``e`` is a pure function of ``(seed, e, s)`` (``epoch_draws``): a
+    resumed run sees exactly the batches the uninterrupted run would have seen, on either
+    backend. Every image is used once per epoch; the last batch of an epoch holds the
+    remainder (``n % batch_size`` images; on JAX one more compile). Iterating prepares
+    batches ahead on ``workers`` threads (NumPy's indexing runs outside the GIL), in order.
+    The batches are global batches (a strategy splits each between its replicas).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
+                 augment: str, epochs: int, initial_epoch: int = 0,
+                 workers: int | None = None):
+        if augment not in AUGMENTATIONS:
+            raise DareError(f"augment must be one of {list(AUGMENTATIONS)}; received {augment!r}")
+        self.x, self.y = x, y
+        self.seed, self.batch_size, self.augment = int(seed), int(batch_size), augment
+        self.epochs, self.initial_epoch = int(epochs), int(initial_epoch)
+        self.steps = math.ceil(len(x) / self.batch_size)
+        self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        self._draws: dict[int, tuple[np.ndarray, ...]] = {}
+        self._lock = threading.Lock()
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, ...]:
+        with self._lock:  # one draw per epoch, shared by the worker threads
+            if epoch not in self._draws:
+                self._draws = {e: d for e, d in self._draws.items() if e >= epoch - 1}
+                self._draws[epoch] = epoch_draws(self.seed, epoch, len(self.x))
+            return self._draws[epoch]
+
+    def batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``step`` (0-based) of the 0-based ``epoch``: ``(x, y)``."""
+        order, dy, dx, flip = self._epoch(epoch)
+        i = order[step * self.batch_size:(step + 1) * self.batch_size]
+        xb = self.x[i]
+        if self.augment != "none":
+            xb = crop_flip(xb, dy[i], dx[i], flip[i] if self.augment == "crop-flip" else None)
+        return xb, self.y[i]
+
+    def __len__(self) -> int:
+        return self.steps * max(0, self.epochs - self.initial_epoch)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        jobs = ((e, s) for e in range(self.initial_epoch, self.epochs)
+                for s in range(self.steps))
+        ahead = 2 * self.workers
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="darekit-batches") as pool:
+            pending: collections.deque = collections.deque(
+                pool.submit(self.batch, *job) for job in itertools.islice(jobs, ahead))
+            try:
+                while pending:
+                    out = pending.popleft().result()
+                    job = next(jobs, None)
+                    if job is not None:
+                        pending.append(pool.submit(self.batch, *job))
+                    yield out
+            finally:  # stopped early (interrupt, end of fit): drop what was prepared
+                for f in pending:
+                    f.cancel()
 
 
 def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, initial_epoch: int
-                  ) -> tuple[tf.data.Dataset, int]:
-    """Batches for epochs ``initial_epoch..epochs-1`` and the number of steps per epoch.
-
-    Epoch ``e``'s order and augmentation depend only on ``(seed, e)`` (stateless RNG), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen. The batches are
-    global batches (a strategy splits each between its replicas) and do not depend on the
-    devices or the precision.
-    """
-    n = len(x)
-    steps = math.ceil(n / cfg.batch_size)
-    xs, ys = tf.constant(x), tf.constant(y)
-    aug = _augment_fn(cfg.augment, x.shape[1:])
-
-    def gather(i):
-        return tf.gather(xs, i), tf.gather(ys, i)
-
-    def augmented(e):
-        def batch(i):
-            # Image i of epoch e is augmented with its own seed (seed * 7919 + e, i), as a
-            # per-image map would: batching the indices first and running the per-image ops
-            # in one map_fn per batch makes the same images for ~30% less CPU per image
-            # (fewer tf.data elements; bench/README.md).
-            seeds = tf.stack([tf.fill(tf.shape(i), cfg.seed * 7919 + e), i], axis=1)
-            images = tf.map_fn(lambda a: aug(tf.gather(xs, a[0]), a[1]), (i, seeds),
-                               fn_output_signature=xs.dtype, parallel_iterations=32)
-            return images, tf.gather(ys, i)
-        return batch
-
-    def epoch_batches(e):
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                         seed=tf.stack([cfg.seed, e]))
-        ds = tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size)
-        return ds.map(gather if aug is None else augmented(e),
-                      num_parallel_calls=tf.data.AUTOTUNE)
-
-    ds = tf.data.Dataset.range(initial_epoch, cfg.epochs).flat_map(epoch_batches)
-    return ds.prefetch(tf.data.AUTOTUNE), steps
+                  ) -> tuple[TrainBatches, int]:
+    """``cfg``'s batches for epochs ``initial_epoch..epochs-1`` (``TrainBatches``) and the
+    number of steps per epoch."""
+    batches = TrainBatches(x, y, seed=cfg.seed, batch_size=cfg.batch_size, augment=cfg.augment,
+                           epochs=cfg.epochs, initial_epoch=initial_epoch)
+    return batches, batches.steps
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -383,9 +436,8 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
         keep = balanced_subset(y_hold, min(cfg.test_subset, len(y_hold)), cfg.seed)
         x_hold, y_hold = x_hold[keep], y_hold[keep]
 
-    # The input pipeline is made outside the scope: its tensors stay on the host (tf.data runs
-    # there), not on a device named by --devices.
-    ds, steps = train_dataset(data.x_train, data.y_train, cfg, start)
+    # NumPy batches on the host, on either backend; Keras moves each to the device(s).
+    batches, steps = train_dataset(data.x_train, data.y_train, cfg, start)
     # Built, compiled and fitted under the strategy and dtype policy of --devices/--precision.
     with dist.scope():
         model = arch.build(dataset.input_shape, dataset.num_classes,
@@ -415,7 +467,7 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
         if cfg.tensorboard:
             log_dir = str(run.file(layout.tensorboard("train")))
             extra.append(keras.callbacks.TensorBoard(log_dir=log_dir))
-        model.fit(ds, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
+        model.fit(iter(batches), epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
                   validation_data=(x_hold, y_hold),
                   validation_batch_size=max(256, cfg.batch_size),
                   callbacks=[*extra, EpochHistory(run, cfg, rows)], verbose=cfg.verbose,

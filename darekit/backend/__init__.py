@@ -204,6 +204,43 @@ def visible_devices(kind: str | None = None) -> list[str]:
     return _impl().visible_devices(kind)
 
 
+def data_parallel(devices: tuple[str, ...]) -> Any:
+    """The data-parallel strategy over ``devices`` (``TYPE:N`` names, two or more):
+    ``tf.distribute.MirroredStrategy`` (one per device set and process) on TensorFlow,
+    ``keras.distribution.DataParallel`` on JAX."""
+    return _impl().data_parallel(tuple(devices))
+
+
+def default_strategy() -> Any:
+    """TensorFlow's default (no-op) strategy; ``None`` on JAX."""
+    return _impl().default_strategy()
+
+
+def parallel_scope(strategy: Any) -> Any:
+    """A context manager under which models are built, compiled and fitted data-parallel by
+    ``strategy`` (``data_parallel``); a no-op when it is already the current one on TF."""
+    return _impl().parallel_scope(strategy)
+
+
+def device_scope(device: str) -> Any:
+    """A context manager placing new variables and ops on one ``TYPE:N`` device."""
+    return _impl().device_scope(device)
+
+
+def model_scope(model) -> Any:
+    """The scope of the strategy ``model`` was built under, unless it is the current one (on
+    TF, compiling and fitting must happen under the strategy that created the variables); a
+    no-op on JAX."""
+    return _impl().model_scope(model)
+
+
+def replica_rows(x: Any) -> tuple[Any, Any] | None:
+    """Inside a TF multi-replica step: ``(offset, total)`` of this replica's rows of a batch
+    ``x`` in the global batch; ``None`` elsewhere and always on JAX (SPMD steps see the global
+    batch)."""
+    return _impl().replica_rows(x)
+
+
 # ---------------------------------------------------------------------------- records
 def versions() -> dict[str, str]:
     """``{"backend": name, <backend package>: version, ...}``: what a run records."""

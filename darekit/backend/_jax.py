@@ -83,3 +83,44 @@ def seed_foolbox(seed):
     from eagerpy.tensor.jax import JAXTensor
 
     JAXTensor.key = jax.random.PRNGKey(int(seed))
+
+
+# ---------------------------------------------------------------------------- data parallel
+def _keras_device(name):
+    kind, i = name.split(":")
+    return f"{'gpu' if kind.upper() == 'GPU' else kind.lower()}:{int(i)}"
+
+
+def data_parallel(devices):
+    import keras
+
+    return keras.distribution.DataParallel(devices=[_keras_device(d) for d in devices])
+
+
+def default_strategy():
+    return None
+
+
+def parallel_scope(strategy):
+    return strategy.scope()
+
+
+def device_scope(device):
+    kind, i = device.split(":")
+    for d in jax.devices():
+        t = "GPU" if d.platform in ("gpu", "cuda", "rocm") else d.platform.upper()
+        if t == kind.upper() and d.id == int(i):
+            return jax.default_device(d)
+    raise ValueError(f"no JAX device {device}")
+
+
+def model_scope(model):
+    import contextlib
+
+    # Under JAX, variables carry their layout from creation; fit reads the current
+    # keras.distribution, which the stage's Distribution.scope() sets.
+    return contextlib.nullcontext()
+
+
+def replica_rows(x):
+    return None  # SPMD: a step sees the global batch, its random draws are global

@@ -77,3 +77,50 @@ def foolbox_tensors(x, y):
 
 def seed_foolbox(seed):
     tf.random.set_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------- data parallel
+_STRATEGIES: dict = {}
+
+
+def data_parallel(devices):
+    # One MirroredStrategy per device set and process: a strategy sets up its collective ops
+    # once, and models built under one must be trained under the same object.
+    devices = tuple(devices)
+    if devices not in _STRATEGIES:
+        _STRATEGIES[devices] = tf.distribute.MirroredStrategy([f"/{d}" for d in devices])
+    return _STRATEGIES[devices]
+
+
+def default_strategy():
+    return tf.distribute.get_strategy()
+
+
+def parallel_scope(strategy):
+    import contextlib
+
+    current = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+    return contextlib.nullcontext() if current is strategy else strategy.scope()
+
+
+def device_scope(device):
+    return tf.device(f"/{device}")
+
+
+def model_scope(model):
+    import contextlib
+
+    strategy = model.distribute_strategy  # the current one when the model recorded none
+    if strategy is tf.distribute.get_strategy():
+        return contextlib.nullcontext()
+    return strategy.scope()
+
+
+def replica_rows(x):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    sizes = ctx.all_gather(tf.shape(x, out_type=tf.int64)[:1], axis=0)
+    rid = ctx.replica_id_in_sync_group
+    offset = tf.reduce_sum(sizes[:rid])
+    return offset, tf.reduce_sum(sizes)
