@@ -9,8 +9,12 @@
 
 The adversarial sets of a run (``adv/generate_adv.py``) are written by ``darekit.advsets``.
 
-Foolbox 3 under NumPy 2: inputs must be ``tf.Tensor`` and labels ``tf.int64`` tensors, or eagerpy
-calls the removed ``np.find_common_type`` (see research/anchors.md §2.1); ``_to_tf`` does both.
+Foolbox runs on the Keras backend's tensors (``darekit.backend``: ``TensorFlowModel`` or
+``JAXModel`` over ``logits_function``). Foolbox 3 under NumPy 2: inputs must be backend tensors,
+on TensorFlow with ``tf.int64`` labels, or eagerpy calls the removed ``np.find_common_type``
+(see research/anchors.md §2.1); ``foolbox_tensors`` does both. ``predict_logits`` and
+``predict_labels`` are the package's batched, compiled inference (padded to a few batch sizes
+where the backend compiles per shape).
 
 Success follows Foolbox: ``success[i]`` is "the clipped adversarial is misclassified", so an input
 the model already gets wrong counts as a success. ``clean_correct`` is stored next to it and
@@ -29,10 +33,11 @@ import eagerpy as ep
 import foolbox as fb
 import keras
 import numpy as np
-import tensorflow as tf
 from foolbox.devutils import atleast_kd
+from keras import ops
 from tqdm.auto import tqdm
 
+from darekit import backend as B
 from darekit.data import dataset_spec
 from darekit.errors import DareError
 
@@ -194,31 +199,60 @@ register(AttackSpec(
 
 
 # ---------------------------------------------------------------------------- running attacks
-def _to_tf(x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
-    # tf.int64 labels: eagerpy compares them with argmax's int64 and would otherwise call
-    # np.find_common_type, which NumPy 2 removed.
-    return tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int64)
+def foolbox_tensors(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    """``x`` (float32) and ``y`` as the tensors Foolbox wants on this backend
+    (``darekit.backend.foolbox_tensors``: int64 labels on TensorFlow, where eagerpy would
+    otherwise call NumPy 2's removed ``np.find_common_type``)."""
+    return B.foolbox_tensors(x, y)
 
 
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _inference_call(model: keras.Model, jit_compile: bool = False):
-    """``model(x, training=False)`` as a ``tf.function``, one per model and mode (traced once
-    per shape): gradients flow through it, and an attack step runs a graph, not Keras' eager
-    call. ``jit_compile``: XLA, about 2x faster on a CPU (float results may differ in the
-    last bits; compiled once per batch shape)."""
+def logits_function(model: keras.Model, jit_compile: bool = False) -> Callable[[Any], Any]:
+    """``f(x) -> logits``: ``model`` in inference mode as a compiled function of its current
+    weights (``B.model_function``), one per model and mode. Gradients flow through it (Foolbox
+    differentiates it), and loading other weights into the model needs no recompile.
+    ``jit_compile``: XLA on TensorFlow, about 2x faster on a CPU (float results may differ in
+    the last bits; compiled once per batch shape); JAX always compiles."""
     calls = _CALLS.setdefault(model, {})
     if jit_compile not in calls:
-        calls[jit_compile] = tf.function(lambda x: model(x, training=False),
-                                         reduce_retracing=True, jit_compile=jit_compile)
+        calls[jit_compile] = B.model_function(model, lambda call, x: call(x),
+                                              jit_compile=jit_compile)
     return calls[jit_compile]
 
 
-def foolbox_model(model: keras.Model, jit_compile: bool = False) -> fb.TensorFlowModel:
-    """``model`` (logits, [0, 1] pixels) as a Foolbox model, called in inference mode."""
-    device = "/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"
-    return fb.TensorFlowModel(_inference_call(model, jit_compile), bounds=(0, 1), device=device)
+def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 256,
+                   jit_compile: bool = False) -> np.ndarray:
+    """The logits ``(N, C)`` float32 of ``model`` on ``x`` ``(N, ...)``, batched through one
+    compiled call (``logits_function``; ``model.predict`` would retrace). Batches are padded to
+    ``B.BUCKETS`` where the backend compiles per shape (JAX, or XLA), so any ``N`` reuses a few
+    compilations."""
+    x = np.asarray(x, np.float32)
+    if batch_size < 1:
+        raise DareError(f"batch_size must be positive; received {batch_size}")
+    call = logits_function(model, jit_compile)
+    pad = B.needs_buckets(jit_compile)
+    parts = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        m = B.bucket(len(xb), batch_size) if pad else len(xb)
+        parts.append(B.to_numpy(call(ops.convert_to_tensor(B.pad_rows(xb, m))))[:len(xb)])
+    if not parts:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 256,
+                   jit_compile: bool = False) -> np.ndarray:
+    """Predicted classes ``(N,)`` int64 of ``model`` on ``x`` (``predict_logits``' argmax)."""
+    return np.argmax(predict_logits(model, x, batch_size, jit_compile), axis=-1).astype(np.int64)
+
+
+def foolbox_model(model: keras.Model, jit_compile: bool = False):
+    """``model`` (logits, [0, 1] pixels) as a Foolbox model of the backend, called in inference
+    mode through ``logits_function`` (``TensorFlowModel`` or ``JAXModel``)."""
+    return B.foolbox_model(logits_function(model, jit_compile), bounds=(0, 1))
 
 
 def _norms(x: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,13 +260,6 @@ def _norms(x: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = (x_adv.astype(np.float64) - x).reshape(len(x), -1)
     return (np.abs(d).max(axis=1, initial=0.0).astype(np.float32),
             np.sqrt((d * d).sum(axis=1)).astype(np.float32))
-
-
-def _predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Predicted classes ``(N,)`` (through the cached call: ``predict`` would retrace)."""
-    call = _inference_call(model)
-    return np.concatenate([np.argmax(call(tf.constant(x[i:i + batch_size])), axis=-1)
-                           for i in range(0, len(x), batch_size)])
 
 
 def attack_config(spec: AttackSpec | str, eps: float | Sequence[float] | None,
@@ -321,14 +348,23 @@ def _attack_batches(model: keras.Model, x: np.ndarray, y: np.ndarray, spec: Atta
         raise DareError(f"cannot attack {len(x)} images with {len(y)} labels")
     attack = spec.build(**params)
     fmodel = foolbox_model(model, jit_compile)
+    # On JAX every new batch shape compiles the model (and Foolbox's steps) again: the batches
+    # are padded to a few sizes with copies of their first row, whose results are dropped. The
+    # inputs of these attacks run independently, so padding changes no other input's result
+    # (except which random start each draws). TensorFlow's batches are left as they were.
+    pad = B.name() == "jax"
     bar = tqdm(total=len(x), desc=spec.name, unit="img", disable=not progress, leave=False)
     try:
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            _, clipped, success = attack(fmodel, *_to_tf(xb, yb), epsilons=epsilons)
-            advs = np.stack([np.clip(c.numpy(), 0.0, 1.0) for c in clipped])
+            n = len(xb)
+            m = B.bucket(n, batch_size) if pad else n
+            _, clipped, success = attack(fmodel, *foolbox_tensors(B.pad_rows(xb, m),
+                                                                  B.pad_rows(yb, m)),
+                                         epsilons=epsilons)
+            advs = np.stack([np.clip(np.asarray(c)[:n], 0.0, 1.0) for c in clipped])
             norms = [_norms(xb, a) for a in advs]
-            yield (advs if keep_images else None, success.numpy().astype(bool),
+            yield (advs if keep_images else None, np.asarray(success)[:, :n].astype(bool),
                    np.stack([n[0] for n in norms]), np.stack([n[1] for n in norms]))
             bar.update(len(xb))
     finally:
@@ -344,15 +380,16 @@ def run_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str | A
 
     ``eps``: the budget; ``None`` takes the dataset's budget for a fixed attack and
     means "minimal, unclipped" for a minimization attack. ``params`` override the registered
-    parameters. ``seed`` seeds TensorFlow's global RNG first (random starts), so the same call
-    gives the same result. ``model`` outputs logits. ``jit_compile``: run the model with XLA.
+    parameters. ``seed`` seeds the RNG of Foolbox's random starts first (TensorFlow's global
+    RNG, or eagerpy's JAX key), so the same call gives the same result. ``model`` outputs
+    logits. ``jit_compile``: run the model with XLA (JAX always does).
     """
     spec = get_spec(attack)
     eps = spec.epsilon(dataset, eps)
     params = dict(params or {})
     config = attack_config(spec, eps, params)
     if seed is not None:
-        tf.random.set_seed(seed)
+        B.seed_foolbox(seed)
     full = spec.params(**params)
     staged = spec.first_steps is not None and full["steps"] > spec.first_steps
     first = {**params, "steps": spec.first_steps} if staged else params
@@ -366,7 +403,7 @@ def run_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str | A
         for k in range(4):
             out[k][rest] = np.concatenate([p[k][0] for p in more])
     return AttackResult(x_adv=out[0].astype(np.float32), success=out[1],
-                        clean_correct=_predict(model, x, batch_size) == y,
+                        clean_correct=predict_labels(model, x, batch_size) == y,
                         linf=out[2], l2=out[3], config=config)
 
 
@@ -386,8 +423,8 @@ def sweep_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str |
     params = dict(params or {})
     config = attack_config(spec, eps, params)
     if seed is not None:
-        tf.random.set_seed(seed)
+        B.seed_foolbox(seed)
     parts = list(_attack_batches(model, x, y, spec, eps, params, batch_size, progress, False))
     cat = lambda k: np.concatenate([p[k] for p in parts], axis=1)
-    return SweepResult(epsilons=np.asarray(eps), success=cat(1), clean_correct=_predict(
+    return SweepResult(epsilons=np.asarray(eps), success=cat(1), clean_correct=predict_labels(
         model, x, batch_size) == y, linf=cat(2), l2=cat(3), config=config)

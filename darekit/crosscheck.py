@@ -24,16 +24,19 @@ worst case of the white-box ones is the classic symptom of gradient masking (Ath
 on the eps-ball of the clean input and on [0, 1] (RobustBench's convention: an input
 misclassified clean is not robust).
 
-ART under Keras 3.15 / TF 2.21 / NumPy 2.4 (ART 1.20.1), and what this module does about it:
+ART under Keras 3.15 on TensorFlow 2.21 or JAX / NumPy 2.4 (ART 1.20.1), and what this module
+does about it:
 
-- ``KerasClassifier`` does not work under Keras 3; ``TensorFlowV2Classifier`` on the Keras
-  model does (it calls ``model(x, training=False)``).
+- ``KerasClassifier`` does not work under Keras 3, and ART has no usable JAX classifier (its
+  experimental ``JaxClassifier`` lacks ``compute_loss``). The model is wrapped in our own small
+  ART estimator, ``SeamClassifier`` (NumPy in and out), over functions compiled by the backend
+  seam (``darekit.backend``): one code path on TensorFlow and JAX.
 - ART's own APGD losses (``loss_type="cross_entropy"``/``"difference_logits_ratio"``) are
   avoided: the cross-entropy one silently switches to ``from_logits=False`` when the model's
   output on an all-ones image happens to look like probabilities, and ART's DLR loss runs a
   Python loop over the batch in eager mode. We pass our own per-example losses
-  (``loss_type=None``) and compile the loss and its input gradient (``tf.function``), which
-  also makes an APGD iteration about 3x faster than with ART's eager ``loss_gradient``.
+  (``loss_type=None``) and compile the loss and its input gradient, which also makes an APGD
+  iteration about 3x faster than with ART's eager ``loss_gradient``.
 - ART checks ``isinstance(eps, (int, float))`` and ``isinstance(max_iter, int)``: a NumPy
   ``float32`` or ``int64`` is refused, so the config stores plain Python numbers.
 - ART's float32 arithmetic can leave ``|x_adv - x|`` one ulp above eps (0.100000024 at 0.1):
@@ -54,22 +57,27 @@ import math
 import random
 import time
 import warnings
+import weakref
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 from tqdm.auto import tqdm
 
-from darekit.adv_training import PGDConfig, pgd_function
-from darekit.attacks import _inference_call
+from darekit import backend as B
+from darekit import linf
+from darekit.attacks import predict_logits
 from darekit.config import option
 from darekit.errors import DareError
+
+if TYPE_CHECKING:
+    from darekit.adv_training import PGDConfig
 
 ATTACKS = ("apgd_ce", "apgd_t", "square")
 """The attacks ``cross_check`` runs itself (``CrossCheckConfig.attacks`` picks among them)."""
@@ -136,75 +144,133 @@ class CrossCheckConfig:
 
 
 # ---------------------------------------------------------------------------- ART plumbing
-def _ce(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+def _ce(labels: Any, logits: Any) -> Any:
     """Per-example cross-entropy ``(B,)`` of one-hot ``labels`` ``(B, C)`` and ``logits``."""
-    return tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+    return ops.categorical_crossentropy(labels, logits, from_logits=True)
 
 
-def _dlr_targeted(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+def _dlr_targeted(labels: Any, logits: Any) -> Any:
     """AutoAttack's targeted DLR, as a loss to *minimise* (ART descends in targeted mode):
     ``(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` per example ``(B,)``.
 
     ``labels`` ``(B, C)`` carry the target with +1 (so ART's ``argmax`` sees the target) and
     the true class with -1 (ART passes only one label array to the loss).
     """
-    t, y = tf.argmax(labels, axis=1), tf.argmin(labels, axis=1)
-    z = tf.sort(logits, axis=1, direction="DESCENDING")
-    z_t = tf.gather(logits, t, axis=1, batch_dims=1)
-    z_y = tf.gather(logits, y, axis=1, batch_dims=1)
+    t = ops.expand_dims(ops.argmax(labels, axis=1), 1)
+    y = ops.expand_dims(ops.argmin(labels, axis=1), 1)
+    z = ops.flip(ops.sort(logits, axis=1), axis=1)          # descending
+    z_t = ops.take_along_axis(logits, t, axis=1)[:, 0]
+    z_y = ops.take_along_axis(logits, y, axis=1)[:, 0]
     return (z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
+
+
+LOSSES = {"ce": _ce, "dlr": _dlr_targeted}
+"""The per-example losses ``loss(labels (B, C), logits) -> (B,)`` the ART estimator runs."""
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loss_functions(model: keras.Model, loss: str) -> tuple[Callable, Callable]:
+    """``(losses(x, labels) -> (B,), gradient(x, labels) -> (B, ...))`` of ``LOSSES[loss]``,
+    compiled over the model's current weights (``B.model_function``), once per model object:
+    the models of one evaluation share one object, so they share the compilations."""
+    by_loss = _COMPILED.setdefault(model, {})
+    if loss not in by_loss:
+        fn = LOSSES[loss]
+
+        def losses(call, x, labels):
+            return fn(labels, call(x))
+
+        def gradient(call, x, labels):
+            # A sum: each example's gradient does not depend on the batch (ART's mean scales it
+            # by 1/B, which L-inf's sign() ignores anyway).
+            return B.grad(lambda z: ops.sum(fn(labels, call(z))))(x)
+
+        # Not XLA on TensorFlow (as the ART classifier before it); JAX always compiles.
+        by_loss[loss] = (B.model_function(model, losses, jit_compile=False),
+                         B.model_function(model, gradient, jit_compile=False))
+    return by_loss[loss]
 
 
 @functools.cache
 def _art() -> SimpleNamespace:
-    """ART's attacks and a ``TensorFlowV2Classifier`` whose loss and gradient are compiled
-    (imported on first use: ART takes a while to import and warns about PyTorch)."""
+    """ART's attacks and ``SeamClassifier``, an ART estimator over the backend seam (imported
+    on first use: ART takes a while to import and warns about PyTorch)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PyTorch not found")
         import art
         from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
-        from art.estimators.classification import TensorFlowV2Classifier
+        from art.estimators.classification.classifier import ClassifierMixin
+        from art.estimators.estimator import (
+            BaseEstimator,
+            LossGradientsMixin,
+            NeuralNetworkMixin,
+        )
         from art.utils import check_and_transform_label_format
 
-    class CompiledClassifier(TensorFlowV2Classifier):
-        """``TensorFlowV2Classifier`` on a Keras model with a per-example ``loss(labels, logits)``
-        ``(B,)``; ``loss_gradient`` and ``compute_loss`` run as ``tf.function`` graphs (no
-        preprocessing or defences are configured, so ART's preprocessing steps are identities).
+    class SeamClassifier(LossGradientsMixin, ClassifierMixin, NeuralNetworkMixin, BaseEstimator):
+        """A Keras classifier (logits) as an ART estimator on either Keras backend: NumPy in and
+        out, ``predict`` through ``attacks.predict_logits``, and a per-example ``loss(labels,
+        logits)`` ``(B,)`` whose value and input gradient run as compiled functions of the
+        model's current weights (``_loss_functions``). What APGD (``loss_type=None``) and
+        Square need: ``predict``, ``loss_gradient``, ``compute_loss(reduction="none")``. ART
+        1.20 has no usable JAX classifier, and its ``TensorFlowV2Classifier`` runs eagerly.
+        No preprocessing or defences: inputs are [0, 1] images as the model takes them.
         """
 
-        def __init__(self, model: keras.Model, loss, input_shape: tuple[int, ...],
-                     nb_classes: int):
-            super().__init__(model=model, nb_classes=nb_classes, input_shape=input_shape,
-                             clip_values=(0.0, 1.0), loss_object=loss)
+        estimator_params = (BaseEstimator.estimator_params + NeuralNetworkMixin.estimator_params
+                            + ClassifierMixin.estimator_params + ["input_shape", "loss"])
 
-            def losses(x, labels):
-                return loss(labels, model(x, training=False))
+        def __init__(self, model: keras.Model, loss: str, input_shape: tuple[int, ...],
+                     nb_classes: int, batch_size: int = 128):
+            super().__init__(model=model, clip_values=(0.0, 1.0), channels_first=False,
+                             preprocessing_defences=None, postprocessing_defences=None,
+                             preprocessing=(0.0, 1.0))
+            self._nb_classes = int(nb_classes)
+            self._input_shape = tuple(input_shape)
+            self.loss, self._batch_size = loss, int(batch_size)
+            self._losses, self._gradient = _loss_functions(model, loss)
 
-            def gradient(x, labels):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    # A sum: each example's gradient does not depend on the batch (ART's mean
-                    # scales it by 1/B, which L-inf's sign() ignores anyway).
-                    total = tf.reduce_sum(losses(x, labels))
-                return tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        @property
+        def input_shape(self) -> tuple[int, ...]:
+            return self._input_shape
 
-            self._losses = tf.function(losses, reduce_retracing=True)
-            self._gradient = tf.function(gradient, reduce_retracing=True)
+        def _run(self, fn: Callable, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            """``fn(x, labels)`` in batches, padded to ``B.BUCKETS`` where the backend
+            compiles per shape (JAX); rows are independent, so padding changes nothing."""
+            x = np.asarray(x, np.float32)
+            labels = check_and_transform_label_format(np.asarray(y), self.nb_classes)
+            labels = np.asarray(labels, np.float32)
+            pad = B.needs_buckets(False)
+            parts = []
+            for i in range(0, len(x), self._batch_size):
+                xb, lb = x[i:i + self._batch_size], labels[i:i + self._batch_size]
+                m = B.bucket(len(xb), self._batch_size) if pad else len(xb)
+                out = fn(ops.convert_to_tensor(B.pad_rows(xb, m)),
+                         ops.convert_to_tensor(B.pad_rows(lb, m)))
+                parts.append(B.to_numpy(out)[:len(xb)])
+            return np.concatenate(parts)
 
-        def _tensors(self, x, y):
-            y = check_and_transform_label_format(np.asarray(y), self.nb_classes)
-            return tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.float32)
+        def predict(self, x: np.ndarray, batch_size: int = 128, **kwargs) -> np.ndarray:
+            return predict_logits(self._model, x, batch_size)
 
-        def loss_gradient(self, x, y, training_mode: bool = False, **kwargs):
-            return self._gradient(*self._tensors(x, y)).numpy()
+        def loss_gradient(self, x: np.ndarray, y: np.ndarray, training_mode: bool = False,
+                          **kwargs) -> np.ndarray:
+            return self._run(self._gradient, x, y)
 
-        def compute_loss(self, x, y, reduction: str = "none", training_mode: bool = False,
-                         **kwargs):
-            per = self._losses(*self._tensors(x, y)).numpy()
+        def compute_loss(self, x: np.ndarray, y: np.ndarray, reduction: str = "none",
+                         training_mode: bool = False, **kwargs) -> np.ndarray:
+            per = self._run(self._losses, x, y)
             return {"none": per, "mean": per.mean(), "sum": per.sum()}[reduction]
 
+        def fit(self, x, y, batch_size: int = 128, nb_epochs: int = 20, **kwargs) -> None:
+            raise NotImplementedError("the cross-check only attacks; it never trains")
+
+        def get_activations(self, x, layer, batch_size: int = 128, framework: bool = False):
+            raise NotImplementedError("the cross-check needs no activations")
+
     return SimpleNamespace(version=art.__version__, APGD=AutoProjectedGradientDescent,
-                           Square=SquareAttack, Classifier=CompiledClassifier)
+                           Square=SquareAttack, Classifier=SeamClassifier)
 
 
 @contextmanager
@@ -234,9 +300,7 @@ def _project(x_adv: np.ndarray, x: np.ndarray, eps: float) -> np.ndarray:
 
 def _logits(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's logits ``(N, C)`` in inference mode, batched, through one compiled call."""
-    call = _inference_call(model)
-    return np.concatenate([call(tf.constant(x[i:i + batch_size], tf.float32)).numpy()
-                           for i in range(0, len(x), batch_size)])
+    return predict_logits(model, x, batch_size)
 
 
 def _one_hot(labels: np.ndarray, nb_classes: int) -> np.ndarray:
@@ -266,12 +330,13 @@ def _square(clf, x: np.ndarray, y: np.ndarray, cfg: CrossCheckConfig, *,
         return _project(attack.generate(x, _one_hot(y, clf.nb_classes)), x, cfg.eps)
 
 
-def _classifiers(model: keras.Model, input_shape: tuple[int, ...], nb_classes: int):
-    """``(ce, dlr)``: the model as ART classifiers on each loss, built once per call (each
-    compiles its own graphs)."""
+def _classifiers(model: keras.Model, input_shape: tuple[int, ...], nb_classes: int,
+                 batch_size: int):
+    """``(ce, dlr)``: the model as ART classifiers on each loss (their compiled functions are
+    shared by every call on the same model object)."""
     make = _art().Classifier
-    return (make(model, _ce, input_shape, nb_classes),
-            make(model, _dlr_targeted, input_shape, nb_classes))
+    return (make(model, "ce", input_shape, nb_classes, batch_size),
+            make(model, "dlr", input_shape, nb_classes, batch_size))
 
 
 def _batches(clean_correct: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -305,7 +370,7 @@ def transfer_set(source: keras.Model, x: np.ndarray, y: np.ndarray,
     """
     x, y = _check_inputs(x, y)
     nb_classes = int(source.output_shape[-1])
-    ce = _art().Classifier(source, _ce, x.shape[1:], nb_classes)
+    ce = _art().Classifier(source, "ce", x.shape[1:], nb_classes, cfg.batch_size)
     correct = _logits(source, x, cfg.batch_size).argmax(axis=1) == y
     out = x.copy()
     for b, rows in enumerate(_batches(correct, cfg.batch_size)):
@@ -316,18 +381,33 @@ def transfer_set(source: keras.Model, x: np.ndarray, y: np.ndarray,
 
 def pgd_robust(model: keras.Model, x: np.ndarray, y: np.ndarray, pgd: PGDConfig, *,
                batch_size: int = 256, seed: int = 0) -> np.ndarray:
-    """Per-example flags ``(N,)`` of the package's own PGD: the adversarial is still classified
-    as ``y``. Same batches and random starts as ``adv_training.robust_evaluation`` (its
-    ``robust_accuracy`` is the mean of these flags), for ``cross_check(own_robust=...)``."""
-    attack = pgd_function(model, pgd)
-    call = _inference_call(model)
+    """Per-example flags ``(N,)`` of the package's own PGD (``darekit.linf``: ``pgd.steps``
+    signed-gradient steps of ``pgd.step_size`` from a uniform random start drawn from ``(seed,
+    batch index)``): the adversarial is still classified as ``y``. Same batches and random
+    starts as ``adv_training.robust_evaluation`` (its ``robust_accuracy`` is the mean of these
+    flags), for ``cross_check(own_robust=...)``. ``pgd``: a ``PGDConfig`` (or anything with its
+    ``eps``, ``steps``, ``step_size`` and ``random_start``)."""
+    eps, step_size, steps = float(pgd.eps), float(pgd.step_size), int(pgd.steps)
+
+    def attack(call, x0, yb, key):
+        start = linf.random_start(x0, eps, key) if pgd.random_start else None
+        xa = linf.pgd(call, x0, yb, eps, step_size, steps, start=start)
+        return ops.cast(ops.argmax(call(xa), axis=-1), "int32")
+
+    # Not XLA on TensorFlow: its stateless RNG draws other numbers under XLA.
+    f = B.model_function(model, attack, jit_compile=False)
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y).astype(np.int32)
+    pad = B.needs_buckets(False)
     flags = []
     for b, i in enumerate(range(0, len(x), batch_size)):
-        xb = tf.constant(x[i:i + batch_size], tf.float32)
-        yb = tf.constant(y[i:i + batch_size], tf.int64)
-        xa = attack(xb, yb, tf.constant([seed, b], tf.int64))
-        flags.append(np.argmax(call(xa).numpy(), axis=-1) == y[i:i + batch_size])
-    return np.concatenate(flags)
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        # Padding (JAX) draws the start for the padded batch; rows stay independent.
+        m = B.bucket(len(xb), batch_size) if pad else len(xb)
+        pred = f(ops.convert_to_tensor(B.pad_rows(xb, m)), ops.convert_to_tensor(
+            B.pad_rows(yb, m)), B.seed_array(seed, b))
+        flags.append(B.to_numpy(pred)[:len(xb)] == yb)
+    return np.concatenate(flags) if flags else np.zeros(0, bool)
 
 
 def gradient_masking(robust: Mapping[str, np.ndarray], tolerance: int = 0) -> tuple[bool, str]:
@@ -440,7 +520,7 @@ def cross_check(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: CrossChec
     def judge(x_adv: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return _logits(model, x_adv, cfg.batch_size).argmax(axis=1) == y[rows]
 
-    ce, dlr = _classifiers(model, x.shape[1:], nb_classes)
+    ce, dlr = _classifiers(model, x.shape[1:], nb_classes, cfg.batch_size)
     robust: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     try:
@@ -494,7 +574,7 @@ def cross_check(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: CrossChec
               "masking_rule": f"black-box robust count < white-box worst-case count - "
                               f"{cfg.masking_tolerance}",
               "versions": {"art": _art().version, "numpy": np.__version__,
-                           "tensorflow": tf.__version__, "keras": keras.__version__}}
+                           "keras": keras.__version__, **B.versions()}}
     return CrossCheckResult(robust=robust, worst_case=worst, clean_correct=clean_correct,
                             seconds=seconds, masking=masking, masking_reason=reason,
                             config=config)

@@ -20,12 +20,17 @@ rounding (in practice bit for bit; the gradient is computed in our graph rather 
 Foolbox's eager tape, which may round a near-zero gradient entry differently). Two deliberate
 differences:
 
-- PGD's random start is drawn with ``tf.random.stateless_uniform`` from ``(seed, batch index)``
-  rather than TensorFlow's global RNG, so a call is reproducible (same distribution as Foolbox's,
-  not the same draws).
+- PGD's random start is drawn statelessly (``darekit.backend.stateless_uniform``) from
+  ``(seed, batch index)`` rather than the backend's global RNG, so a call is reproducible (same
+  distribution as Foolbox's, not the same draws; TensorFlow and JAX draw different numbers).
 - ``x_adv`` is additionally clipped to [0, 1], as ``run_attack`` stores Foolbox's result
   (a no-op up to float rounding); ``success`` is computed, as in Foolbox, on the image before
   that clip.
+
+The attack is ``darekit.linf`` (written once for TensorFlow and JAX) over the model as a pure
+function of its current weights (``darekit.backend.model_function``). The parity above is
+TensorFlow's in exact mode (``jit_compile=False``); on JAX everything runs under XLA, with the
+same operations, so results agree with TensorFlow's to float32 rounding.
 
 Epsilons are taken as float64: Foolbox forms the step size ``rel_stepsize * epsilon`` in Python
 float64 and TensorFlow rounds it to float32; the engine does the same per input. Pass epsilons as
@@ -34,18 +39,21 @@ float64 (Python floats, a float64 array) for bit-level parity with a Foolbox cal
 
 from __future__ import annotations
 
+import collections
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import foolbox as fb
 import keras
 import numpy as np
-import tensorflow as tf
 from foolbox.attacks.gradient_descent_base import BaseGradientDescent, LinfBaseGradientDescent
+from keras import ops
 
+from darekit import backend as B
+from darekit import linf
 from darekit.attacks import get_spec
 from darekit.errors import DareError
 
@@ -133,53 +141,16 @@ class Work:
         self.gradients = self.forwards = self.batches = 0
 
 
-# ---------------------------------------------------------------------------- graph pieces
-# Each mirrors one line of Foolbox (gradient_descent_base.py, distances.py, base.py) with the
-# same operations in the same order, so that the float32 results agree.
-def _per_input(v: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)``: broadcastable against ``x`` ``(B, H, W, C)``."""
-    return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], 0))
-
-
-def _project(x: tf.Tensor, x0: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-    """``x0 + clip(x - x0, -eps, eps)``: Foolbox's ``project`` and ``clip_perturbation``."""
-    return x0 + tf.clip_by_value(x - x0, -eps, eps)
-
-
-def _step(x: tf.Tensor, x0: tf.Tensor, direction: tf.Tensor, step: tf.Tensor,
-          eps: tf.Tensor) -> tf.Tensor:
-    """One iteration of Foolbox's loop, given the normalized gradient ``direction``."""
-    x = x + step * direction   # GDOptimizer: stepsize * gradient (times gradient_step_sign 1.0)
-    x = _project(x, x0, eps)
-    return tf.clip_by_value(x, 0.0, 1.0)
-
-
-def _gradient_sign(model: keras.Model, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """``sign(d/dx sum_i CE(model(x)_i, y_i))`` ``(B, H, W, C)``: eagerpy's ``crossentropy``
-    summed, differentiated with a tape, as Foolbox's ``value_and_grad``."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logits = model(x, training=False)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-    return tf.sign(tape.gradient(loss, x))
-
-
-def _margin(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """``z_y - max_{j != y} z_j`` per input ``(B,)``: negative when misclassified."""
-    true = tf.gather(logits, y, batch_dims=1)
-    other = tf.reduce_max(logits - tf.one_hot(y, tf.shape(logits)[-1], on_value=np.inf,
-                                              off_value=0.0), axis=-1)
-    return true - other
-
-
-def _finish(model: keras.Model, x: tf.Tensor, x0: tf.Tensor, y: tf.Tensor,
-            eps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+# ---------------------------------------------------------------------------- compiled pieces
+# The L-inf step is darekit.linf's (Foolbox's operations in Foolbox's order); these add
+# Foolbox's final check (FixedEpsilonAttack.__call__).
+def _finish(call: linf.Call, x: Any, x0: Any, y: Any, eps: Any) -> tuple[Any, Any, Any]:
     """FixedEpsilonAttack.__call__: clip the perturbation to eps, check misclassification.
     Also returns the logit margin of the result (for searches that interpolate)."""
-    xpc = _project(x, x0, eps)
-    logits = model(xpc, training=False)
-    success = tf.not_equal(tf.argmax(logits, axis=-1), y)
-    return tf.clip_by_value(xpc, 0.0, 1.0), success, _margin(logits, y)
+    xpc = linf.project(x, x0, eps)
+    logits = call(xpc)
+    success = ops.not_equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), y)
+    return ops.clip(xpc, 0.0, 1.0), success, B.margin(logits, y)
 
 
 class Adversarials(NamedTuple):
@@ -194,7 +165,9 @@ class Adversarials(NamedTuple):
 # ---------------------------------------------------------------------------- helpers
 def _check_inputs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, np.float32)
-    y = np.asarray(y).astype(np.int64, copy=False)
+    # int32 labels: JAX runs in 32 bits (int64 would be truncated with a warning); TensorFlow's
+    # cross-entropy gives the same values for either.
+    y = np.asarray(y).astype(np.int32, copy=False)
     if x.ndim < 2 or y.shape != (len(x),):
         raise DareError(f"cannot attack inputs {x.shape} with labels {y.shape}")
     return x, y
@@ -212,71 +185,65 @@ def _check_eps(eps: np.ndarray | float, n: int) -> np.ndarray:
     return e
 
 
-def _image_spec(shape: tuple[int, ...]) -> tf.TensorSpec:
-    # Batch dimension None: one trace serves every batch size (the bisection's shrinking sets).
-    return tf.TensorSpec((None, *shape), tf.float32)
-
-
-_VEC = tf.TensorSpec((None,), tf.float32)
-_LABELS = tf.TensorSpec((None,), tf.int64)
-BUCKETS = (32, 64, 128, 256, 512, 1024)
-"""With XLA, batches are padded up to one of these sizes (capped at the batch size): XLA
-compiles once per shape, and a bisection's open sets take every size."""
+BUCKETS = B.BUCKETS
+"""Padded batch sizes (``darekit.backend.BUCKETS``): XLA compiles once per shape, and a
+bisection's open sets take every size. Batches are padded on JAX always, on TensorFlow with
+XLA only (exact mode keeps TensorFlow's results as they were)."""
 
 
 def _padded(n: int, batch_size: int, jit: bool) -> int:
-    if not jit:
-        return n
-    return min(next((b for b in BUCKETS if b >= n), n), max(batch_size, n))
+    return B.bucket(n, batch_size) if B.needs_buckets(jit) else n
 
 
-def _pad(a: np.ndarray, m: int) -> np.ndarray:
-    """``a`` with its first row repeated up to ``m`` rows (a valid input, results dropped)."""
-    return a if len(a) == m else np.concatenate([a, np.repeat(a[:1], m - len(a), axis=0)])
+_pad = B.pad_rows
+
+
+def _tensors(*arrays: np.ndarray) -> list[Any]:
+    return [ops.convert_to_tensor(a) for a in arrays]
 
 
 class _Compiled:
-    """The engine's pieces as ``tf.function``s: exact graphs (Foolbox's operations in
-    Foolbox's order), or XLA-compiled ones (``jit``: about 2.4x faster on a CPU for AlexNet,
-    float results that may differ from Foolbox's in the last bits, so a gradient entry near 0
-    may change sign)."""
+    """The engine's pieces as compiled functions of the model's current weights
+    (``B.model_function``): exact graphs on TensorFlow (Foolbox's operations in Foolbox's
+    order), or XLA-compiled ones (``jit``: about 2.4x faster on a CPU for AlexNet, float
+    results that may differ from Foolbox's in the last bits, so a gradient entry near 0 may
+    change sign). JAX always compiles with XLA. ``traces`` counts the traces of each piece
+    (a Python side effect runs once per trace on both backends)."""
 
     def __init__(self, model: keras.Model, shape: tuple[int, ...], jit: bool):
-        img = _image_spec(shape)
-        sig = {"jit_compile": jit}
+        del shape  # the functions trace per input shape; one object per image shape is kept
+        self.traces: collections.Counter[str] = collections.Counter()
 
-        # Never XLA: its stateless RNG draws other numbers from the same seed, and the draw
-        # must not depend on the compilation mode.
-        @tf.function(input_signature=[img, _VEC, tf.TensorSpec((2,), tf.int64)])
-        def start(x0, eps, seed):
-            # Foolbox: x0 + uniform(-eps, eps), then clip to the bounds; same distribution,
-            # but stateless, so (seed, batch) fixes the draw.
-            e = _per_input(eps, x0)
-            u = tf.random.stateless_uniform(tf.shape(x0), seed, dtype=tf.float32)
-            return tf.clip_by_value(x0 + (u * (e + e) - e), 0.0, 1.0)
+        def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def traced(*args: Any) -> Any:
+                self.traces[name] += 1
+                return fn(*args)
+            return traced
 
-        @tf.function(input_signature=[img, img, _LABELS, _VEC, _VEC], **sig)
-        def step(x, x0, y, eps, stepsize):
-            return _step(x, x0, _gradient_sign(model, x, y), _per_input(stepsize, x0),
-                         _per_input(eps, x0))
+        def compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            return B.model_function(model, counted(name, fn), jit_compile=jit)
 
-        @tf.function(input_signature=[img, img, _LABELS, _VEC], **sig)
-        def finish(x, x0, y, eps):
-            return _finish(model, x, x0, y, _per_input(eps, x0))
+        def step(call, x, x0, y, eps, stepsize):
+            return linf.step(x, x0, linf.gradient_sign(call, x, y), linf.per_input(stepsize, x0),
+                             linf.per_input(eps, x0))
 
-        @tf.function(input_signature=[img, _LABELS], **sig)
-        def direction(x0, y):
-            return tf.cast(_gradient_sign(model, x0, y), tf.int8)
+        def finish(call, x, x0, y, eps):
+            return _finish(call, x, x0, y, linf.per_input(eps, x0))
 
-        @tf.function(input_signature=[img, tf.TensorSpec((None, *shape), tf.int8), _LABELS,
-                                      _VEC, _VEC], **sig)
-        def line(x0, d, y, eps, stepsize):
-            e = _per_input(eps, x0)
-            x = _step(x0, x0, tf.cast(d, tf.float32), _per_input(stepsize, x0), e)
-            return _finish(model, x, x0, y, e)
+        def direction(call, x0, y):
+            return ops.cast(linf.gradient_sign(call, x0, y), "int8")
 
-        self.start, self.step, self.finish = start, step, finish
-        self.direction, self.line = direction, line
+        def line(call, x0, d, y, eps, stepsize):
+            e = linf.per_input(eps, x0)
+            x = linf.step(x0, x0, ops.cast(d, "float32"), linf.per_input(stepsize, x0), e)
+            return _finish(call, x, x0, y, e)
+
+        # Never XLA on TensorFlow: its stateless RNG draws other numbers from the same seed
+        # under XLA, and the draw must not depend on the compilation mode.
+        self.start = B.jit(counted("start", lambda x0, eps, seed: linf.random_start(
+            x0, linf.per_input(eps, x0), seed)), jit_compile=False)
+        self.step, self.finish = compiled("step", step), compiled("finish", finish)
+        self.direction, self.line = compiled("direction", direction), compiled("line", line)
 
 
 class _Functions:
@@ -322,9 +289,10 @@ class LinfEngine:
 
     ``engine(x, y, eps, seed) -> (x_adv, success)``, batched by ``batch_size``;
     ``engine.attack_all(...)`` also returns the logit margins. Each step is one call of a
-    compiled function whose batch dimension is free (no retracing across batch sizes).
-    ``jit_compile``: XLA (see ``_Compiled``; batches padded to ``BUCKETS``); off, the engine
-    reproduces Foolbox bit for bit. ``engine.work`` counts the passes done.
+    compiled function (TensorFlow: one relaxed trace serves every batch size; JAX and XLA:
+    batches padded to ``BUCKETS``, one compilation per bucket). ``jit_compile``: XLA on
+    TensorFlow (see ``_Compiled``); off, the engine reproduces Foolbox bit for bit. JAX
+    always compiles. ``engine.work`` counts the passes done.
     """
 
     def __init__(self, model: keras.Model, attack: LinfGradient, batch_size: int = 256,
@@ -356,12 +324,11 @@ class LinfEngine:
             j = slice(i, i + self.batch_size)
             n = len(x[j])
             m = _padded(n, self.batch_size, self.jit_compile)
-            x0, yb, e, s = (tf.constant(_pad(a[j], m)) for a in (x, y, eps32, stepsize))
-            xa = f.start(x0, e, tf.constant([seed, b], tf.int64)) \
-                if self.attack.random_start else x0
+            x0, yb, e, s = _tensors(*(_pad(a[j], m) for a in (x, y, eps32, stepsize)))
+            xa = f.start(x0, e, B.seed_array(seed, b)) if self.attack.random_start else x0
             for _ in range(self.attack.steps):
                 xa = f.step(xa, x0, yb, e, s)
-            outs.append([o.numpy()[:n] for o in f.finish(xa, x0, yb, e)])
+            outs.append([B.to_numpy(o)[:n] for o in f.finish(xa, x0, yb, e)])
             self.work.gradients += n * self.attack.steps
             self.work.forwards += n
             self.work.batches += 1
@@ -399,9 +366,8 @@ class FGSMLine:
             j = slice(i, i + self.batch_size)
             n = len(self.x[j])
             m = _padded(n, self.batch_size, self.jit_compile)
-            d = self._f.direction(tf.constant(_pad(self.x[j], m)),
-                                  tf.constant(_pad(self.y[j], m)))
-            parts.append(d.numpy()[:n])
+            d = self._f.direction(*_tensors(_pad(self.x[j], m), _pad(self.y[j], m)))
+            parts.append(B.to_numpy(d)[:n])
             self.work.gradients += n
             self.work.batches += 1
         self.direction = (np.concatenate(parts) if parts
@@ -435,7 +401,7 @@ class FGSMLine:
             m = _padded(n, self.batch_size, self.jit_compile)
             args = (_pad(self.x[k], m), _pad(self.direction[k], m), _pad(self.y[k], m),
                     _pad(eps32[j], m), _pad(stepsize[j], m))
-            outs.append([o.numpy()[:n] for o in self._f.line(*map(tf.constant, args))])
+            outs.append([B.to_numpy(o)[:n] for o in self._f.line(*_tensors(*args))])
             self.work.forwards += n
             self.work.batches += 1
         return _concat(outs, len(idx))

@@ -37,9 +37,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from tqdm.auto import tqdm
 
+from darekit import backend as B
 from darekit import io, layout, stats
 from darekit.attacks import (
     DEFAULT_ATTACKS,
@@ -47,6 +47,7 @@ from darekit.attacks import (
     attack_config,
     get_spec,
     parse_attacks,
+    predict_logits,
     run_attack,
 )
 from darekit.config import option
@@ -54,7 +55,6 @@ from darekit.crosscheck import CrossCheckConfig, cross_check, transfer_set
 from darekit.data import balanced_subset, dataset_spec
 from darekit.errors import DareError
 from darekit.rundir import Run
-from darekit.seeding import xla_allowed
 
 DEFINITIONS = {
     "clean_accuracy": "fraction of the N test images classified correctly",
@@ -95,7 +95,8 @@ class SearchConfig:
     eps_max_factor: float = option(4.0, "search up to this multiple of the budget")
     max_rounds: int = option(24, "at most this many batched attack passes per attack")
     engine: str = option("tf", "fgsm, bim and pgd on the compiled per-input-epsilon engine "
-                         "(tf) or on Foolbox, one call per distinct epsilon (the reference)",
+                         "(tf: a historical name, it runs on the Keras backend in use) or on "
+                         "Foolbox, one call per distinct epsilon (the reference)",
                          choices=ENGINES)
 
     def __post_init__(self) -> None:
@@ -285,12 +286,7 @@ def _engine_probe(model: keras.Model, spec: AttackSpec, params: Mapping[str, Any
 def margins(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256
             ) -> np.ndarray:
     """``z_y - max_{j != y} z_j`` per input ``(N,)``: negative when misclassified."""
-    from darekit.attacks import _inference_call
-
-    call = _inference_call(model)
-    z = np.concatenate([np.asarray(call(tf.constant(x[i:i + batch_size])))
-                        for i in range(0, len(x), batch_size)]) if len(x) else \
-        np.zeros((0, 1))
+    z = predict_logits(model, x, batch_size) if len(x) else np.zeros((0, 1), np.float32)
     true = z[np.arange(len(z)), y]
     z[np.arange(len(z)), y] = -np.inf
     return true - z.max(axis=1)
@@ -394,10 +390,10 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
     """Attack ``x`` ``(N, H, W, C)`` in [0, 1] with labels ``y`` ``(N,)``; ``model`` outputs
     logits. ``budget`` (default: the dataset's for the attack's norm) is where robust accuracy
     is reported; ``jit_compile`` runs the attacks with XLA (about 2x faster on a CPU; results
-    equal up to float rounding; off under op determinism: ``seeding.xla_allowed``); see the
-    module docstring for the rest."""
+    equal up to float rounding; off under TensorFlow's op determinism:
+    ``backend.xla_allowed``; JAX always compiles); see the module docstring for the rest."""
     t0 = time.perf_counter()
-    jit_compile = xla_allowed(jit_compile)
+    jit_compile = B.xla_allowed(jit_compile)
     spec = get_spec(attack)
     if budget is None:
         if dataset is None:
@@ -524,9 +520,12 @@ def _cached(run: Run, name: str, key: Mapping[str, Any], compute: Callable[[], t
     stem = run.file(f"{layout.EVAL_PARTS}/{name}")
     meta_path, arrays_path = stem.with_suffix(".json"), stem.with_suffix(".npz")
     if meta_path.is_file() and arrays_path.is_file():
-        meta = io.read_json(meta_path)
-        if meta.get("key") == io.jsonable(key):
-            return meta, io.read_npz(arrays_path)
+        try:
+            meta = io.read_json(meta_path)
+            if meta.get("key") == io.jsonable(key):
+                return meta, io.read_npz(arrays_path)
+        except io.CorruptFileError as e:  # a damaged part is computed again, not fatal
+            io.warn(f"{e}; computing it again")
     meta, arrays = compute()
     io.write_npz(arrays_path, **arrays)
     meta = {"key": io.jsonable(key), **meta}
@@ -590,12 +589,14 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
         parts[model_name, attack] = arrays
     bar.close()
 
-    # Methods whose fine-tuning diverged have no model: they are reported as such.
-    for name, info in run.diverged_models().items():
+    # Methods whose fine-tuning is not a result (diverged, no-op) have no model: they are
+    # reported as such, with the reason.
+    for name, info in run.not_results().items():
         if cfg.models and name not in cfg.models:
             continue
-        rows += [{**base, "model": name, "attack": a, "status": "diverged", "er": math.nan,
-                  "lr": info["lr"]} for a in cfg.attacks if _evaluated(cfg, name, a)]
+        rows += [{**base, "model": name, "attack": a, "status": info["status"], "er": math.nan,
+                  "lr": info["lr"], "why": info["why"]}
+                 for a in cfg.attacks if _evaluated(cfg, name, a)]
     robust = {k: v["robust_at_budget"] for k, v in parts.items()}
     checks = _crosscheck_run(run, cfg, models, x, y, robust, load, progress) \
         if cfg.crosscheck else []

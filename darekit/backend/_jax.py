@@ -69,6 +69,8 @@ def foolbox_model(model, bounds):
 
     from darekit.backend import model_state, stateless_logits
 
+    if not hasattr(model, "stateless_call"):  # already a pure function x -> logits
+        return fb.JAXModel(model, bounds=bounds)
     # Foolbox differentiates fn with jax.grad: a pure function of the current weights (read
     # at every call, so weights loaded later are seen).
     return fb.JAXModel(lambda x: stateless_logits(model, model_state(model), x), bounds=bounds)
