@@ -323,7 +323,7 @@ class EpochHistory(keras.callbacks.Callback):
         row.update({key: float(v) for key, v in (logs or {}).items() if key != "learning_rate"})
         self.rows[:] = [r for r in self.rows if int(r["epoch"]) < k] + [row]
         io.save_with(self.run.epoch_path(k), self._view.save_weights)
-        save_optimizer(self.model.optimizer, self.run.file(layout.OPTIMIZER))
+        save_optimizer(self.model.optimizer, self.run.file(layout.OPTIMIZER), self.model)
         io.write_csv(self.run.file(layout.TRAIN_LOG), self.rows)
         io.write_json(self.run.file(layout.PROGRESS), {"epoch": k})
 
@@ -333,31 +333,53 @@ def _inner(opt: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     return getattr(opt, "inner_optimizer", opt)
 
 
-def save_optimizer(opt: keras.optimizers.Optimizer, path: Path) -> None:
+def seed_states(model: keras.Model) -> list:
+    """The state variables of ``model``'s random seed generators (dropout's ``SeedGenerator``s),
+    in layer order. They advance at every training step but are not weights (the history files
+    do not hold them): a resumed run that restarted them from their initial values would draw
+    other dropout masks than the run that never stopped."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights and not v.trainable]
+
+
+def save_optimizer(opt: keras.optimizers.Optimizer, path: Path,
+                   model: keras.Model | None = None) -> None:
     """The optimizer's variables (``v0000``...; the inner optimizer's under loss scaling, so
-    the file does not depend on the precision) and, with loss scaling, the scale's state."""
+    the file does not depend on the precision), with loss scaling the scale's state, and the
+    seed generators' states of ``model`` (``rng0000``...): everything besides the weights that
+    a resumed run needs to continue exactly."""
     arrays = {f"v{i:04d}": v.numpy() for i, v in enumerate(_inner(opt).variables)}
     if _inner(opt) is not opt:
         arrays.update(loss_scale=opt.dynamic_scale.numpy(),
                       loss_scale_steps=opt.step_counter.numpy())
+    if model is not None:
+        arrays.update({f"rng{i:04d}": v.numpy() for i, v in enumerate(seed_states(model))})
     io.write_npz(path, **arrays)
 
 
 def load_optimizer(opt: keras.optimizers.Optimizer, model: keras.Model, path: Path) -> None:
     """Restore ``save_optimizer``'s file into ``opt`` (built here, inside the model's strategy
-    scope). A run resumed in another precision keeps its optimizer state; a loss scale starts
-    from Keras' initial one when the file has none."""
+    scope) and ``model``'s seed generators. A run resumed in another precision keeps its
+    optimizer state; a loss scale starts from Keras' initial one when the file has none."""
     with distribute.model_scope(model):
         opt.build(model.trainable_variables)
     arrays = io.read_npz(path)
     inner = _inner(opt)
-    if sum(k.startswith("v") for k in arrays) != len(inner.variables):
+    if sum(k[:1] == "v" and k[1:].isdigit() for k in arrays) != len(inner.variables):
         raise DareError(f"optimizer state {path} does not match the model; cannot resume")
     for i, v in enumerate(inner.variables):
         v.assign(arrays[f"v{i:04d}"])
     if inner is not opt and "loss_scale" in arrays:
         opt.dynamic_scale.assign(arrays["loss_scale"])
         opt.step_counter.assign(arrays["loss_scale_steps"])
+    states = seed_states(model)
+    saved = sorted(k for k in arrays if k.startswith("rng"))
+    if saved:  # files written before the seed states were saved have none: keep the initial
+        if len(saved) != len(states):
+            raise DareError(f"random-seed state in {path} does not match the model; cannot "
+                            "resume")
+        for v, k in zip(states, saved, strict=True):
+            v.assign(arrays[k])
 
 
 # ---------------------------------------------------------------------------- the run
