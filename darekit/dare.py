@@ -13,7 +13,8 @@ One pipeline, ``run_dare``, with the variant as a parameter (``VARIANTS``):
 
 Every run logs per epoch the classifier's clean accuracy on ``x_validation`` and the test set
 and the relative weight change per layer (``finetune.EpochLog``); a run whose weights did not
-move is flagged (``moved: false``) and warned about.
+move is flagged (``moved: false``, status ``no-op``), warned about and, like a divergence,
+not saved: it is not a result.
 
 ``--devices`` / ``--precision`` (``darekit.distribute``): ``run_dare`` loads the classifier and
 tunes it inside that strategy and dtype policy (``--batch-size`` is then the global batch), and
@@ -22,7 +23,6 @@ records them in the summary; the saved classifier is a plain float32 model eithe
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -259,13 +259,26 @@ def tune_classifier(model: keras.Model, mined: MineResult, cfg: DareConfig,
 
 
 # --------------------------------------------------------------------------- the pipeline
-OK, DIVERGED = "ok", "diverged"
+OK, DIVERGED, NOOP = "ok", "diverged", "no-op"
+NOT_RESULTS = (DIVERGED, NOOP)
+"""Statuses of a tuning run that is not a result: no model is saved and the evaluation and
+the report show the status instead of figures."""
+
+
+def empty_slice_classes(masks: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """``{layer: [classes]}`` whose slice in ``layer`` is empty (an all-false mask row): NNSlicer
+    profiled no image of the class (none was classified correctly), so DARE's loss is zero on
+    that class's inputs there and they teach nothing."""
+    return {name: [int(c) for c in np.flatnonzero(~np.asarray(m, bool).any(axis=-1))]
+            for name, m in masks.items() if not np.asarray(m, bool).any(axis=-1).all()}
 
 
 @dataclass(frozen=True)
 class DareResult:
-    """A tuned classifier. ``status``: ``ok``, or ``diverged`` (the weights became NaN/inf:
-    ``model`` then holds them and must not be used). ``rows``: the per-epoch log."""
+    """A tuned classifier. ``status``: ``ok``; ``diverged`` (the weights became NaN/inf:
+    ``model`` then holds them and must not be used); or ``no-op`` (the weights did not move
+    beyond ``cfg.min_rel_change``: ``model`` is the original, and the run is not a result).
+    ``rows``: the per-epoch log."""
 
     model: keras.Model
     summary: dict[str, Any]
@@ -285,7 +298,9 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
     sliced layers, the regression model's outputs); DARE-S needs ``layers``; DARE-SL neither.
     ``eval_sets`` (``{name: (x, y)}``) are logged per epoch, to ``log_path`` (CSV) if given;
     ``callbacks`` join ``fit``'s (e.g. ``finetune.tensorboard(...)``).
-    A run whose weights become NaN or inf is returned with ``status="diverged"``.
+    A run whose weights become NaN or inf is returned with ``status="diverged"``, one whose
+    weights did not move (largest relative change <= ``cfg.min_rel_change``) with
+    ``status="no-op"``: neither is a result. Classes with an empty slice are warned about.
     ``cfg.seed`` seeds the shuffling; dropout masks come from the seeds ``model``'s layers drew
     when it was built: call ``seeding.set_seed`` before building it for a repeatable run.
     """
@@ -305,6 +320,16 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
                             "the same layers")
     if variant.use_slice and masks is None:
         raise DareError(f"{variant.name} needs the slice (masks=...); DARE-S needs none")
+    if variant.use_slice:
+        empty = empty_slice_classes({n: masks[n] for n in layers if n in masks})
+        present = set(np.unique(mined.y).tolist())
+        for name, classes in empty.items():
+            hit = sorted(present & set(classes))
+            share = f" ({int(np.isin(mined.y, hit).sum())} of {len(mined.y)} samples)" \
+                if hit else ""
+            io.warn(f"{variant.name}: classes {classes} have an empty slice in layer {name!r} "
+                    "(slicing profiled no correctly classified image of them); the loss "
+                    f"ignores that layer for their inputs{share}")
     eval_sets = dict(eval_sets or {})
     set_seed(cfg.seed)
     if variant.use_transform:
@@ -314,10 +339,12 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
         tuned = tune_classifier(model, mined, cfg, eval_sets, log_path, callbacks)
     finite = not diverged(model, tuned.rows)
     last = tuned.rows[-1]
+    moved = bool(finite and last["max_rel_change"] > cfg.min_rel_change)
+    status = DIVERGED if not finite else OK if moved else NOOP
     summary = {
-        "variant": asdict(variant), "status": OK if finite else DIVERGED, "lr": cfg.lr,
+        "variant": asdict(variant), "status": status, "lr": cfg.lr,
         "samples": int(len(mined.y)), "anchors": int(mined.anchor.sum()),
-        "moved": bool(finite and last["max_rel_change"] > cfg.min_rel_change),
+        "moved": moved,
         "max_rel_change": last["max_rel_change"],
         "rel_change": {k[len("rel_change/"):]: v for k, v in last.items()
                        if k.startswith("rel_change/")},
@@ -327,6 +354,12 @@ def tune(model: keras.Model, mined: MineResult, cfg: DareConfig, *,
     }
     if finite and variant.use_transform:
         summary["synchronized_layers"] = synchronize(tuned.regression_model, model)
+    if status == NOOP:
+        summary["why"] = (f"the weights did not move (largest relative change "
+                          f"{last['max_rel_change']:.3g} <= {cfg.min_rel_change:g}); try a "
+                          "larger lr")
+        io.warn(f"{variant.name} at lr {cfg.lr:g}: {summary['why']}; this run is not a "
+                "result")
     return DareResult(model, summary, tuned.rows, tuned.regression_model, summary["status"])
 
 
@@ -369,17 +402,19 @@ def tune_run(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print,
 def save_result(run: Run, cfg: DareConfig, result: DareResult,
                 log: Callable[[str], Any] = print) -> DareResult:
     """Save a tuned classifier as ``models/<variant>`` (checked against the tuned weights) and
-    its summary as ``dare/<variant>.json``; a diverged result saves no model (and removes an
-    older one) and its summary says ``diverged``."""
+    its summary as ``dare/<variant>.json``; a result that is not one (``diverged``, ``no-op``)
+    saves no model (and removes an older one) and its summary says which, and why."""
     variant = VARIANTS[cfg.variant]
     cfg = cfg.resolved(run.dare_lr)
     summary, model = dict(result.summary), result.model
-    if result.status == DIVERGED:
+    if result.status in NOT_RESULTS:
         run.remove_model(variant.name)
         run.write_config(layout.dare_summary(variant.name), "dare",
                          {**asdict(cfg), "summary": summary})
-        log(f"{variant.name} diverged at lr {cfg.lr:g} (the weights became NaN/inf; log "
-            f"{summary.get('log')}); nothing was saved")
+        what = "diverged" if result.status == DIVERGED else "was a no-op"
+        why = "the weights became NaN/inf" if result.status == DIVERGED else summary["why"]
+        log(f"{variant.name} {what} at lr {cfg.lr:g} ({why}; log {summary.get('log')}); "
+            "nothing was saved: this run is not a result")
         return replace(result, summary=summary)
     path = run.save_model(model, variant.name)
     saved = run.load_named(variant.name)
@@ -387,10 +422,6 @@ def save_result(run: Run, cfg: DareConfig, result: DareResult,
     check = summary.get("synchronized_layers") or [la.name for la in model.layers if la.weights]
     if not weights_equal(saved, reference, check):
         raise DareError(f"the saved classifier {path} does not carry the tuned weights")
-    if not summary["moved"]:
-        print(f"warning: {variant.name}: the weights did not move (largest relative change "
-              f"{summary['max_rel_change']:.3g} <= {cfg.min_rel_change:g}); this run is not a "
-              "result. Try a larger --lr.", file=sys.stderr)
     summary.update({"model_file": str(path), "saved_matches_tuned": True})
     run.write_config(layout.dare_summary(variant.name), "dare",
                      {**asdict(cfg), "summary": summary})
@@ -405,8 +436,9 @@ def run_dare(run: Run, cfg: DareConfig, log: Callable[[str], Any] = print) -> Da
     """Fine-tune the run's final classifier with ``cfg.variant``; save ``models/<variant>``.
 
     Writes ``dare/<variant>_log.csv`` (per epoch) and ``dare/<variant>.json`` (summary, with
-    ``status``). A run that diverges saves no model: its summary says ``diverged`` (with the
-    learning rate and the log), the evaluation reports it as such, and the result is returned
-    for the caller to decide (the scripts stop with an error, a study goes on).
+    ``status``). A run that diverges, or whose weights did not move, saves no model: its
+    summary says ``diverged`` or ``no-op`` (with the learning rate and the log), the
+    evaluation and the report show it as such, and the result is returned for the caller to
+    decide (the scripts stop with an error and a non-zero exit, a study goes on).
     """
     return save_result(run, cfg, tune_run(run, cfg, log), log)

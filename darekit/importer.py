@@ -44,7 +44,7 @@ from darekit.data import (
     make_split,
 )
 from darekit.errors import DareError
-from darekit.models import LOGITS
+from darekit.models import DEFAULT_DARE_LR, LOGITS
 from darekit.paths import default_run_dir, mark_latest
 from darekit.provenance import provenance
 from darekit.rundir import Run
@@ -52,11 +52,6 @@ from darekit.rundir import Run
 IMPORTED = "imported"
 """``train.model`` of an imported run (no registry architecture has this name)."""
 
-DEFAULT_DARE_LR = 1e-3
-"""DARE's learning rate for a foreign model unless ``--dare-lr`` says otherwise. With the
-regression loss averaged over the slice, the rates that trained stably and moved the weights
-were 1e-4 to 1e-3 for every variant on smallcnn, and 1e-4 to 0.1 on AlexNet (Fashion-MNIST,
-quick scale; docs/method.md): 1e-3 is in both ranges, a cautious start for an unknown model."""
 
 CHECKPOINT_KINDS = {".keras": "keras", layout.WEIGHTS_SUFFIX: "weights"}
 """Checkpoint file suffixes ``ModelCheckpoint`` writes: full models or weights only."""
@@ -211,8 +206,11 @@ def load_checkpoint(model: keras.Model, checkpoint: Checkpoint | str | os.PathLi
             warnings.simplefilter("error", UserWarning)
             model.load_weights(str(path))
     except Exception as e:  # Keras/h5py raise many types on a mismatch
+        if _damaged(path, e):
+            raise DareError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)}); "
+                            "replace it with a complete copy") from None
         raise DareError(f"checkpoint {path} does not fit the model {model.name!r}: "
-                        f"{_first_line(e)}") from None
+                        f"{_mismatch(e)}") from None
 
 
 def load_source_model(path: str | os.PathLike) -> keras.Model:
@@ -226,7 +224,52 @@ def load_source_model(path: str | os.PathLike) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:
-        raise DareError(f"cannot load model {path}: {_first_line(e)}") from None
+        if _damaged(path, e):
+            raise DareError(f"model file {path} is corrupt or truncated (not a readable "
+                            f"{''.join(path.suffixes) or 'Keras'} file); replace it with a "
+                            "complete copy") from None
+        raise DareError(f"cannot load model {path}: {_mismatch(e)}") from None
+
+
+def _damaged(path: Path, e: BaseException) -> bool:
+    """Whether loading ``path`` failed because the file is damaged rather than foreign: a
+    ``.keras`` file is a zip archive (Keras says "File not found" when it is not one), a
+    ``.weights.h5`` an HDF5 file (h5py says "truncated file" or cannot open it)."""
+    import zipfile
+
+    if not path.is_file():
+        return False
+    if path.name.endswith(".keras"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return z.testzip() is not None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return True
+    text = str(e)
+    return isinstance(e, OSError) and ("truncated" in text or "Unable to" in text
+                                       or "signature" in text)
+
+
+_KERAS_MISMATCH = re.compile(r"A total of (\d+) objects could not be loaded\. Example error "
+                             r"message for object <(\w+) name=([^,>]+)[^>]*>:\s*(.*)", re.S)
+
+
+def _mismatch(e: BaseException) -> str:
+    """One line of what did not fit, from Keras' many-line messages: the first layer that did
+    not load and why (the shapes), without the variable's values that Keras prints."""
+    text = str(e)
+    m = _KERAS_MISMATCH.match(text.strip())
+    if m is None:
+        if "Skipping nested container" in text:  # Keras' warning for a different structure
+            return "its layers are not the model's (another architecture)"
+        return _first_line(e)
+    n, kind, name, detail = m.groups()
+    detail = " ".join(detail.split("Target variable:")[0].split())
+    shapes = dict(re.findall(r"(variable|value)\.shape=(\([^)]*\))", detail))
+    why = f"the model has shape {shapes['variable']}, the file {shapes['value']}" \
+        if len(shapes) == 2 else detail[:160]
+    return (f"{n} layers did not load, the first {kind} {name!r}: {why} (a checkpoint of "
+            "another architecture?)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -506,6 +549,7 @@ def import_history(cfg: ImportConfig, log: Callable[[str], Any] = print) -> Run:
     """
     checkpoints = find_checkpoints(cfg.history)
     target = _target(cfg)
+    io.check_writable(target.parent, "folder of the new run")  # before any work
     dataset = load_dataset(cfg.dataset)
     source = load_source_model(cfg.model)
     given = [w.copy() for w in source.get_weights()]

@@ -139,3 +139,35 @@ def tensorboard_for(log_path: str | Path) -> str:
 def tune_file(method: str) -> str:
     """``tune/<method>.json``: every candidate's figures and the learning rate chosen."""
     return f"{TUNE_DIR}/{method}.json"
+
+
+# What rewrites a file of the run directory when it is found damaged, by its first folder (or
+# its name): the one-line message of a corrupt file says what to do.
+_REMEDIES = {
+    CONFIG: "the run cannot be used; train it again (or restore the file)",
+    SPLIT: "the run cannot be used; train it again (or restore the file)",
+    HISTORY: "train the run again (or restore the file)",
+    STATE: "delete it and train again without --resume",
+    SLICE_DIR: "delete it and rerun dare/nnslicer.py",
+    ATS_DIR: "delete it and rerun dare/get_ats.py",
+    DARE_DIR: "delete it and rerun dare/dare.py (or dare-s.py, dare-sl.py)",
+    ADV_DIR: "delete it and rerun adv/generate_adv.py",
+    LOGS_DIR: "delete it and rerun adv/fintune_adv.py",
+    TUNE_DIR: "delete it and rerun reproduce.py",
+    EVAL_DIR: "delete it and rerun dare/test.py",
+    MODELS: "delete it and rerun the stage that made the model",
+}
+
+
+def remedy(path: str | Path) -> str:
+    """What to do about a damaged file at ``path`` (absolute, or relative to its run): the
+    stage that writes it, found from the run-directory folder it lies in."""
+    path = Path(path)
+    folders = [f for f in path.parent.parts if f in _REMEDIES]
+    if path.parent.name in _REMEDIES:  # the nearest folder first (eval/config.json is eval's)
+        return _REMEDIES[path.parent.name]
+    if path.name in (CONFIG, SPLIT):
+        return _REMEDIES[path.name]
+    if folders:
+        return _REMEDIES[folders[-1]]
+    return "delete it or rerun the stage that writes it"

@@ -74,6 +74,8 @@ def rank(rows: Sequence[Mapping[str, Any]], per_image: Mapping[str, np.ndarray] 
     if len(best) > 1 or not rest or per_image is None:
         return Ranking(best, False, rest[0]["model"] if rest else None, stats.NAN)
     winner, runner = next(iter(best)), rest[0]["model"]
+    if winner not in per_image or runner not in per_image:  # a part missing: no test
+        return Ranking(best, False, runner, stats.NAN)
     diff = stats.paired_difference(per_image[winner], per_image[runner], seed)
     both = _comparable(eligible[0]) and _comparable(rest[0])
     return Ranking(best, both and diff.low > 0, runner, diff)
@@ -213,6 +215,31 @@ def crosscheck_table(checks: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+STATUS_MEANING = {
+    "diverged": "the fine-tuning diverged (the weights became NaN/inf)",
+    "no-op": "the fine-tuning did not move the weights: the model is the original",
+}
+
+
+def not_result_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why each method shown with a status instead of figures (``diverged``, ``no-op``) is not
+    a result: one bullet per method (its learning rate and reason), or nothing."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        if not _ok(r):
+            seen.setdefault(str(r["model"]), r)
+    if not seen:
+        return []
+    out = ["Not results (no model evaluated; never ranked):", ""]
+    for m, r in seen.items():
+        status = str(r["status"])
+        why = r.get("why") or STATUS_MEANING.get(status, status)
+        lr = r.get("lr")
+        at = f" at lr {float(lr):g}" if lr is not None and math.isfinite(float(lr)) else ""
+        out.append(f"- **{m}**: {status}{at}: {why}")
+    return [*out, ""]
+
+
 def precision_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     fixed = [r for r in rows if _ok(r) and math.isfinite(float(r.get("bracket", math.nan)))
              and int(r.get("rounds", 1)) > 1]
@@ -290,8 +317,8 @@ def write_run_report(out_dir: Path, results: Mapping[str, Any],
     lines = [f"# Robustness of {title}", "", f"Run: `{results.get('run', '')}`", "",
              "## Empirical Robustness (higher is more robust)", "", LEGEND, "",
              *er_table(rows, rankings), "", *method_table(rows, rankings), "",
-             *precision_lines(rows), "## Robust accuracy at the budget [95% Wilson interval]",
-             "", *robust_table(rows), ""]
+             *not_result_lines(rows), *precision_lines(rows),
+             "## Robust accuracy at the budget [95% Wilson interval]", "", *robust_table(rows), ""]
     checks = results.get("crosscheck") or []
     if checks:
         n = checks[0].get("n", "?")
@@ -391,7 +418,8 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
                 "success_rate": sr_m, "robust_accuracy": ra_m, "robust_accuracy_std": ra_s,
                 "clean_accuracy": ca_m, "clean_accuracy_std": ca_s,
                 "comparable": all(r.get("comparable", True) for r in ok),
-                "diverged_seeds": sum(r.get("status") == "diverged" for r in rs)})
+                "diverged_seeds": sum(r.get("status") == "diverged" for r in rs),
+                "noop_seeds": sum(r.get("status") == "no-op" for r in rs)})
     table_rows += [{**r, "seed": r["seed"]} for r in rows] + mean_rows
     mean_rank = rank_all(mean_rows, None)
     out = ["ER: mean ± std across seeds (success rate: mean). **Bold**: highest mean ER; "
@@ -413,6 +441,8 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
             text = f"{_f(r['er'])} ± {_f(r['er_std'])} {_pct(r['success_rate'])}"
             if r["diverged_seeds"]:
                 text += f" ({r['diverged_seeds']} diverged)"
+            if r["noop_seeds"]:
+                text += f" ({r['noop_seeds']} no-op)"
             if not r["comparable"]:
                 text += " †"
             line.append(f"**{text}**" if m in rk.best else text)
@@ -438,6 +468,8 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
             f"{_f(r['robust_accuracy'], 3)} ± {_f(r['robust_accuracy_std'], 3)}"
             if r["status"] == "ok" else str(r["status"])
             for r in mean_rows if r["model"] == m) + " |")
+    out += ["", *not_result_lines([{**r, "model": f"{r['model']} (s{r['seed']})"}
+                                   for r in rows if not _ok(r)])]
     checks = [c for e in group for c in (e.results.get("crosscheck") or [])]
     if checks:
         out += ["", "Cross-check (robust accuracy at the L-inf budget), per seed:", "",

@@ -307,7 +307,7 @@ def _stages(s: Study) -> list[Stage]:
     stages.append(Stage("mine", lambda s: (s.path / layout.MINED).is_file(),
                         lambda s: run_mining(run(), s.profile.mine)))
     finished = lambda s, name: Run(s.path).model_path(name).is_file() or \
-        name in Run(s.path).diverged_models()
+        name in Run(s.path).not_results()  # diverged or no-op: done, not a result
     for v in VARIANTS:
         tune_v = (lambda s, v=v: _select_dare(s, v)) if s.profile.select is not None else \
             (lambda s, v=v: run_dare(run(), DareConfig(variant=v, verbose=2, **s.profile.dare)))
@@ -339,6 +339,7 @@ def reproduce(s: Study, log: Callable[[str], Any] = print) -> Run:
     if s.profile.deterministic:
         set_seed(s.seed, deterministic=True)  # op determinism is process-wide: every stage
     stages = _stages(s)
+    io.check_writable(s.path)  # one line now, not a PermissionError after a stage's work
     io.write_json(s.path / layout.REPRODUCE, {
         "dataset": s.dataset, "model": s.model, "profile": s.profile.name, "seed": s.seed,
         "pgd_at": s.pgd_at, "attacks": list(s.attacks), "stages": [st.name for st in stages]})

@@ -81,8 +81,10 @@ class Run:
 
     # ------------------------------------------------------------------ opening / config
     @classmethod
-    def open(cls, path: str | Path, *, need_history: bool = True) -> Run:
-        """Open an existing run; fail with a clear message when it is not a trained run."""
+    def open(cls, path: str | Path, *, need_history: bool = True, writable: bool = False) -> Run:
+        """Open an existing run; fail with a clear message when it is not a trained run, or
+        (``writable``: a stage is about to add files) when it cannot be written to: before
+        the stage's work, not when it saves its result."""
         run = cls(path)
         if not (run.path / layout.CONFIG).is_file():
             raise DareError(f"no run at {run.path} (no {layout.CONFIG}); train one first, e.g. "
@@ -90,6 +92,8 @@ class Run:
         if need_history and not run.history_epochs():
             raise DareError(f"run {run.path} has no training history ({layout.HISTORY}/ is empty); "
                             "train it first or resume it with --resume")
+        if writable:
+            io.check_writable(run.path)
         return run
 
     def file(self, rel: str) -> Path:
@@ -267,28 +271,48 @@ class Run:
         return self._load_into(into if into is not None else self.build_model(),
                                self.weights_path(name))
 
-    def diverged_models(self) -> dict[str, dict[str, Any]]:
-        """``{name: {"lr", "log"}}`` of the fine-tuned classifiers whose last run diverged
-        (their summaries in ``dare/`` and ``logs/`` say so; no model was saved)."""
+    def not_results(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"status", "lr", "log", "why"}}`` of the fine-tuned classifiers whose last
+        run is not a result, as their summaries in ``dare/`` and ``logs/`` record it:
+        ``diverged`` (the weights became NaN/inf) or ``no-op`` (they did not move). Neither
+        has a model to evaluate; the evaluation and the report show the status instead. A
+        summary written before ``no-op`` existed (``status: ok`` with ``moved: false``)
+        counts as ``no-op`` too."""
         out = {}
         for folder in (layout.DARE_DIR, layout.LOGS_DIR):
             for path in sorted((self.path / folder).glob("*.json")):
+                if io.TMP_MARK in path.name:
+                    continue
                 meta = io.read_json(path)
                 section = next((v for k, v in meta.items() if isinstance(v, dict)
                                 and k in ("dare", "adv_finetune")), {})
                 info = section.get("summary", section)
-                if info.get("status") == "diverged":
-                    out[path.stem] = {"lr": section.get("lr"), "log": info.get("log")}
+                status = info.get("status", "ok")
+                if status == "ok" and info.get("moved") is False:
+                    status = "no-op"
+                if status != "ok":
+                    why = info.get("why") or ("the weights became NaN/inf"
+                                              if status == "diverged" else
+                                              "the weights did not move")
+                    out[path.stem] = {"status": status, "lr": section.get("lr"),
+                                      "log": info.get("log"), "why": why}
         return out
+
+    def diverged_models(self) -> dict[str, dict[str, Any]]:
+        """``not_results()`` restricted to the runs that diverged."""
+        return {k: v for k, v in self.not_results().items() if v["status"] == "diverged"}
 
     def named_models(self) -> list[str]:
         """``original`` plus every derived classifier saved in ``models/`` (its weights file;
-        the standalone ``.keras`` exports beside them are not listed twice)."""
+        the standalone ``.keras`` exports beside them are not listed twice), less those whose
+        last run is not a result (``not_results``: e.g. a model an older darekit saved
+        although its weights did not move)."""
         folder = self.path / layout.MODELS
         suffix = layout.WEIGHTS_SUFFIX
         names = sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")
                        if io.TMP_MARK not in p.name) if folder.is_dir() else []
-        return ["original", *names]
+        skip = self.not_results() if names else {}
+        return ["original", *(n for n in names if n not in skip)]
 
 
 # ---------------------------------------------------------------------------- legacy files

@@ -69,8 +69,8 @@ def write_holdout(run: Run, cfg: SelectConfig) -> np.ndarray:
 # ---------------------------------------------------------------------------- model-first
 @dataclass(frozen=True)
 class Candidate:
-    """One learning rate's result: ``status`` ``ok`` or ``diverged``; figures on the held-out
-    images (NaN when diverged)."""
+    """One learning rate's result: ``status`` ``ok``, ``diverged`` or ``no-op`` (the weights
+    did not move); figures on the held-out images (NaN when not ok)."""
 
     lr: float
     status: str
@@ -94,10 +94,11 @@ def choose(candidates: Sequence[Candidate], reference_accuracy: float,
            max_drop: float) -> tuple[Candidate | None, str]:
     """The most robust candidate within ``max_drop`` of ``reference_accuracy`` (ties: the
     higher clean accuracy, then the smaller lr); else the one with the smallest drop. Returns
-    ``(choice or None when all diverged, why)``."""
+    ``(choice or None when no candidate is a result (diverged or no-op), why)``."""
     ok = [c for c in candidates if c.status == "ok"]
-    if not ok:
-        return None, "every candidate diverged"
+    if not ok:  # diverged, or no-op (the weights did not move): not results
+        return None, "no candidate is a result: " + ", ".join(
+            f"lr {c.lr:g} {c.status}" for c in candidates)
     within = [c for c in ok if c.clean_accuracy >= reference_accuracy - max_drop - 1e-12]
     if within:
         best = max(within, key=lambda c: (c.robust_accuracy, c.clean_accuracy, -c.lr))
@@ -142,7 +143,8 @@ def select(run: Run, method: str, default_lr: float, train: Train, cfg: SelectCo
                     "original_robust_accuracy": ref_robust, "eps": eps},
         "candidates": [asdict(c) for c in candidates],
         "chosen_lr": None if choice is None else choice.lr, "why": why,
-        "status": "ok" if choice is not None else "diverged",
+        "status": "ok" if choice is not None else
+        "diverged" if any(c.status == "diverged" for c in candidates) else "no-op",
     }
     run.write_config(layout.tune_file(method), "tune", record)
     log(f"{method}: chose lr {record['chosen_lr']} ({why})")

@@ -176,7 +176,9 @@ def test_predictions_change_only_if_the_weights_moved(chain_run, capsys):
                      log=lambda s: None)
     assert still.summary["moved"] is False and still.summary["max_rel_change"] == 0.0
     assert "weights did not move" in capsys.readouterr().err
-    np.testing.assert_array_equal(run.load_named("dare-s").predict(x, verbose=0), before)
+    # Not a result: status no-op, no model saved (test_newcomer.py has the rest).
+    assert still.status == "no-op" and not run.model_path("dare-s").exists()
+    np.testing.assert_array_equal(still.model.predict(x, verbose=0), before)
     moved = run_dare(run, DareConfig(variant="dare-s", epochs=1, verbose=0), log=lambda s: None)
     assert moved.summary["moved"] is True
     assert not np.array_equal(run.load_named("dare-s").predict(x, verbose=0), before)

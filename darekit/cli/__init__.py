@@ -73,7 +73,7 @@ def resolve_run(path: str | None, *, need_history: bool = True):
         print(f"using run {latest} (the most recently trained under "
               f"{latest.parent}; pass --run-dir to choose another)")
         path = latest
-    return Run.open(path, need_history=need_history)
+    return Run.open(path, need_history=need_history, writable=True)  # every stage writes
 
 
 def resolve_runs(paths: Sequence[str] | None) -> list:

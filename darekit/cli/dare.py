@@ -108,5 +108,8 @@ def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
             raise DareError(f"{variant} diverged at lr {res.summary['lr']:g} (the weights "
                             f"became NaN/inf; log {res.summary['log']}); nothing was saved. "
                             "Try a smaller --lr.")
+        if res.status == "no-op":  # a run that is not a result must not exit 0
+            raise DareError(f"{variant} at lr {res.summary['lr']:g}: {res.summary['why']}; "
+                            "this run is not a result and nothing was saved")
 
     return run(body)

@@ -27,6 +27,17 @@ from darekit.models.common import NORMALIZE, set_normalization
 LOGITS = "logits"
 """Name of the final Dense layer of every registered architecture (outputs logits)."""
 
+DEFAULT_DARE_LR = 1e-3
+"""DARE's learning rate for a model that is not in the registry (an imported one, the notebook
+API): the largest rate at which every architecture measured here trained stably (smallcnn
+1e-4..1e-3, AlexNet 1e-4..0.1, with the regression loss averaged over the slice; quick
+scale). The story, in one place: each registered architecture has one measured default
+(``Architecture.dare_lr``: AlexNet 0.03, smallcnn 3e-4; VGG and ResNet 0.01, untested at
+scale); ``dare/dare.py`` uses the run's (an imported run records this one, or its
+``--dare-lr``); the study profiles try each default times 0.1, 1 and 10 and keep the best on
+held-out images (``darekit.tuning``). A rate that leaves the weights where they are is a
+``no-op`` run and not a result."""
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -38,7 +49,8 @@ class Architecture:
             ``common.input_block`` (optional ``pad``, then ``normalize``).
         trace_layers: names of the layers whose outputs are the "neurons" that slicing and
             activation traces use (post-activation outputs; conv layers count channels).
-        dare_lr: DARE's default fine-tuning learning rate for this architecture.
+        dare_lr: DARE's default fine-tuning learning rate for this architecture (measured;
+            see ``DEFAULT_DARE_LR`` for the rates' story).
         train_defaults: ``TrainConfig`` field overrides that reproduce the paper's accuracy on
             a GPU (see ``darekit.training``).
         paper_params: parameter count the paper reports on CIFAR-10 shapes (None if not given).
