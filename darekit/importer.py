@@ -454,7 +454,8 @@ def resolve_trace_layers(model: keras.Model, layers: Sequence[str] | None) -> tu
 
 
 def import_model(model: keras.Model, dataset: Dataset, *, layers: Sequence[str] | None = None,
-                 check_images: int = 500, seed: int = 0) -> ImportedModel:
+                 check_images: int = 500, seed: int = 0, split: Split | None = None,
+                 ) -> ImportedModel:
     """Make ``model`` (with its final weights) fit for the pipeline on ``dataset``.
 
     Checks that it takes ``dataset``'s images ``(B, H, W, C)`` float pixels and outputs
@@ -462,9 +463,16 @@ def import_model(model: keras.Model, dataset: Dataset, *, layers: Sequence[str] 
     resolves ``layers`` (``resolve_trace_layers``); measures clean accuracy on
     ``check_images`` class-balanced test images. Raises ``DareError`` on anything that does
     not fit; near-chance accuracy and a model slicing cannot walk are ``warnings``.
+
+    ``split``: the split the model was trained with (``train_idx``: the images it trained on,
+    ``validation_idx``: the held-out images DARE mines and tunes on), checked as
+    ``check_split`` does: overlapping indices are an error. Without it, a warning says that
+    ``x_validation`` may hold images the model trained on. Warnings go to stderr too.
     """
     from darekit import slicing
 
+    if split is not None:
+        check_split(split, len(dataset.y_train))
     _check_input(model, dataset)
     logits, notes, copies = _to_logits(model)
     k = dataset.num_classes
@@ -486,10 +494,44 @@ def import_model(model: keras.Model, dataset: Dataset, *, layers: Sequence[str] 
     except DareError as e:
         found.append(f"dare/nnslicer.py cannot slice this model ({e}); dare/dare-s.py and "
                      "dare/dare-sl.py need no slice")
+    if split is None:
+        found.append(NO_SPLIT_WARNING.format(dataset=dataset.name))
+    for message in found:
+        _warn(message)
     return ImportedModel(logits, model, trace_layers, accuracy, len(y), notes, found, copies)
 
 
 # --------------------------------------------------------------------------- the split
+NO_SPLIT_WARNING = (
+    "no split given: the {dataset} images the model trained on are unknown, and "
+    "x_validation (which DARE mines and fine-tunes on) may hold some of them; pass the split "
+    "the model was trained with (train_idx: the images it trained on, validation_idx: held "
+    "out)")
+
+
+def check_split(split: Split, n_train: int, where: str = "the split") -> Split:
+    """``split`` checked against a training set of ``n_train`` images: 1-D integer indices in
+    range, no repeats, both non-empty, and no index in both ``train_idx`` and
+    ``validation_idx`` (an image the model trained on would be DARE's held-out data).
+    Raises ``DareError`` naming ``where``; returns ``split``."""
+    for key in ("train_idx", "validation_idx"):
+        a = np.asarray(getattr(split, key))
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) == 0:
+            raise DareError(f"{key} in {where} must be a non-empty 1-D integer array; "
+                            f"received {a.dtype}{a.shape}")
+        if a.min() < 0 or a.max() >= n_train:
+            raise DareError(f"{key} in {where} holds indices outside 0..{n_train - 1}, the "
+                            "original training set")
+        if len(np.unique(a)) != len(a):
+            raise DareError(f"{key} in {where} repeats indices")
+    both = np.intersect1d(split.train_idx, split.validation_idx)
+    if both.size:
+        raise DareError(f"train_idx and validation_idx in {where} overlap ({both.size} "
+                        f"indices, e.g. {both[:5].tolist()}): x_validation must hold no image "
+                        "the model trained on")
+    return split
+
+
 def read_split(path: str | os.PathLike, n_train: int, seed: int) -> Split:
     """A split from an ``.npz`` with ``train_idx`` and ``validation_idx`` (``seed`` and
     ``subset`` optional, as ``Split.save`` writes them), checked against a training set of
@@ -505,24 +547,14 @@ def read_split(path: str | os.PathLike, n_train: int, seed: int) -> Split:
     if missing:
         raise DareError(f"split file {path} has no {' or '.join(missing)} (it has "
                         f"{sorted(z)})")
-    parts = {}
-    for key in ("train_idx", "validation_idx"):
-        a = z[key]
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) == 0:
-            raise DareError(f"{key} in {path} must be a non-empty 1-D integer array; "
-                            f"received {a.dtype}{a.shape}")
-        if a.min() < 0 or a.max() >= n_train:
-            raise DareError(f"{key} in {path} holds indices outside 0..{n_train - 1}, the "
-                            "original training set")
-        if len(np.unique(a)) != len(a):
-            raise DareError(f"{key} in {path} repeats indices")
-        parts[key] = np.sort(a.astype(np.int64))
-    if np.intersect1d(parts["train_idx"], parts["validation_idx"]).size:
-        raise DareError(f"train_idx and validation_idx in {path} overlap")
     subset = int(z["subset"]) if "subset" in z else -1
-    return Split(parts["train_idx"], parts["validation_idx"],
-                 seed=int(z["seed"]) if "seed" in z else seed,
-                 subset=None if subset < 0 else subset)
+    split = Split(z["train_idx"], z["validation_idx"],
+                  seed=int(z["seed"]) if "seed" in z else seed,
+                  subset=None if subset < 0 else subset)
+    check_split(split, n_train, str(path))
+    return Split(*(np.sort(a.astype(np.int64)) for a in (split.train_idx,
+                                                         split.validation_idx)),
+                 seed=split.seed, subset=split.subset)
 
 
 # --------------------------------------------------------------------------- the run
@@ -556,10 +588,6 @@ def import_history(cfg: ImportConfig, log: Callable[[str], Any] = print) -> Run:
     load_checkpoint(source, checkpoints[-1])
     final_differs = len(given) != len(source.get_weights()) or not all(
         np.array_equal(a, b) for a, b in zip(given, source.get_weights(), strict=False))
-    imported = import_model(source, dataset, layers=cfg.layers or None,
-                            check_images=cfg.check_images, seed=cfg.seed)
-    del given
-
     if cfg.split:
         split = read_split(cfg.split, len(dataset.y_train), cfg.seed)
         log(f"split: {cfg.split} ({len(split.train_idx)} x_train, "
@@ -571,13 +599,16 @@ def import_history(cfg: ImportConfig, log: Callable[[str], Any] = print) -> Run:
               "that are now in x_validation, which DARE mines and fine-tunes on; pass --split "
               "with the indices the model was trained on (train_idx) and held out "
               "(validation_idx)")
+    # The split is passed (made or read): import_model's own no-split warning would repeat the
+    # one above. import_model prints its warnings.
+    imported = import_model(source, dataset, layers=cfg.layers or None,
+                            check_images=cfg.check_images, seed=cfg.seed, split=split)
+    del given
     for note in imported.notes:
         log(note)
     if final_differs:
         log(f"the weights in {cfg.model} differ from the last checkpoint "
             f"({checkpoints[-1].path.name}); the run's final model is the last checkpoint")
-    for message in imported.warnings:
-        _warn(message)
 
     train_cfg = {
         "model": IMPORTED, "dataset": cfg.dataset, "seed": cfg.seed,

@@ -326,3 +326,29 @@ def test_the_hand_run_is_a_real_run(hand_run):
     """The fixture the tests above use is what the package reads as a run."""
     run = Run.open(hand_run, writable=True)
     assert run.history_epochs() == [1] and run.trace_layers == LAYERS
+
+
+# ---------------------------------------------------------------------------- the notebook
+def test_the_notebook_import_checks_the_split_and_warns_without_one(capsys):
+    """``import_model`` (model-first) checks a split as ``--split`` is checked, and without one
+    says what the command line says: x_validation may hold images the model trained on."""
+    from darekit.data import Dataset, Split
+    from darekit.importer import check_split, import_model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (100, 28, 28, 1)).astype("float32")
+    y = np.arange(100, dtype=np.int64) % 10
+    ds = Dataset("fashion_mnist", x, y, x.copy(), y.copy(), tuple(map(str, range(10))))
+    overlapping = Split(np.arange(0, 60), np.arange(50, 100), seed=0, subset=None)
+    with pytest.raises(DareError, match=r"overlap \(10 indices, e.g. \[50, 51, 52, 53, 54\]\)"):
+        import_model(_tiny(4, "a"), ds, layers=("conv",), check_images=20, split=overlapping)
+    with pytest.raises(DareError, match="outside 0..99"):
+        check_split(Split(np.arange(0, 50), np.arange(50, 101), seed=0, subset=None), 100)
+    capsys.readouterr()
+    imp = import_model(_tiny(4, "a"), ds, layers=("conv",), check_images=20)
+    err = capsys.readouterr().err
+    assert "warning: no split given" in err and "x_validation" in err
+    assert any("no split given" in w for w in imp.warnings)
+    good = Split(np.arange(0, 50), np.arange(50, 100), seed=0, subset=None)
+    imp = import_model(_tiny(4, "a"), ds, layers=("conv",), check_images=20, split=good)
+    assert "no split given" not in capsys.readouterr().err
