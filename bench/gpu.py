@@ -1,13 +1,16 @@
 """GPU benchmark at paper scale on CIFAR-shaped synthetic data (runs on a CPU too, as a smoke
-check with ``--smoke``).
+check with ``--smoke``), on either Keras backend.
 
     python bench/gpu.py                      # one or more GPUs: VGG16, 25,000 images/epoch
+    python bench/gpu.py --backend jax        # Keras on JAX (a GPU machine without TensorFlow)
     python bench/gpu.py --devices GPU:0      # one GPU of several
     python bench/gpu.py --smoke              # this CPU: tiny sizes, same code paths
 
 Measures, through the package's own entry points (``train``, ``adv_train``,
 ``tune_regression``, ``evaluate_attack``):
 
+0. ``train()`` against a bare ``model.fit`` on the same model and in-memory arrays (no
+   augmentation, no history): the package's overhead, history writes included (goal: >= 0.8).
 1. VGG16 training images/s (``train()``, the crop-flip recipe, history written every epoch) in
    float32 and in mixed precision (``--mixed``, default ``mixed_float16``); goal on one H100:
    >= 5,000 images/s with mixed precision. ``train img/s`` counts the training steps only
@@ -39,9 +42,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root
 
+from darekit import backend as B  # noqa: E402  (imports no backend)
+
+
+def _backend_arg(argv: list[str]) -> str | None:
+    """``--backend NAME`` from the command line: read before Keras is imported."""
+    for i, a in enumerate(argv):
+        if a.startswith("--backend="):
+            return a.split("=", 1)[1]
+        if a == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+B.select(_backend_arg(sys.argv[1:]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 GOAL = 5000  # VGG16 training images/s on one H100, 32x32, mixed precision
 
@@ -103,17 +119,16 @@ class PhaseClock(keras.callbacks.Callback):
 
 
 def device_text() -> str:
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = B.visible_devices("GPU")
     if not gpus:
         return f"CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
-             for g in gpus]
-    return f"{len(gpus)} GPU(s): {', '.join(names)}"
+    return f"{len(gpus)} GPU(s): {', '.join(gpus)} ({B.name()})"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU smoke check)")
+    p.add_argument("--backend", choices=B.BACKENDS, default=None, help=B.BACKEND_HELP)
     p.add_argument("--model", default="vgg16")
     p.add_argument("--n", type=int, default=None, help="training images per epoch "
                    "(default 25,000; 64 with --smoke)")
@@ -122,7 +137,8 @@ def main() -> None:
                    "32 with --smoke)")
     p.add_argument("--devices", default=None, help="as the scripts' --devices (default: every "
                    "GPU when there are 2 or more)")
-    p.add_argument("--mixed", default="mixed_float16",
+    p.add_argument("--mixed", default=None, help="mixed_float16 or mixed_bfloat16 (default: "
+                   "mixed_bfloat16 on JAX, mixed_float16 on TensorFlow)",
                    choices=("mixed_float16", "mixed_bfloat16"))
     p.add_argument("--at-precision", default="float32",
                    choices=("float32", "mixed_float16", "mixed_bfloat16"))
@@ -130,10 +146,11 @@ def main() -> None:
                    "with --smoke)")
     p.add_argument("--eval-n", type=int, default=None, help="images per attack (default 256; 4 "
                    "with --smoke)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: train, at, "
-                   "dare, eval")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: fit, train, "
+                   "at, dare, eval")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
+    a.mixed = a.mixed or ("mixed_bfloat16" if B.name() == "jax" else "mixed_float16")
     n = a.n or (64 if a.smoke else 25_000)
     epochs = a.epochs or (2 if a.smoke else 3)
     batch = a.batch_size or (32 if a.smoke else 128)
@@ -158,7 +175,8 @@ def main() -> None:
     os.environ["DAREKIT_DATA"] = str(tmp / "data")
     write_synthetic_cifar10(tmp / "data" / "cifar10", 2 * n, max(256, eval_n))
     dist = distribute.distribution(a.devices)
-    results: dict = {"device": device_text(), "model": a.model, "images_per_epoch": n,
+    results: dict = {"device": device_text(), "versions": B.versions(), "model": a.model,
+                     "images_per_epoch": n,
                      "epochs": epochs, "global_batch": batch, "replicas": dist.replicas,
                      "devices": list(dist.devices), "load_average_start": os.getloadavg()[0]}
     print(f"{results['device']}; {dist.summary(batch)}; {a.model}, {n} images/epoch, "
@@ -173,6 +191,29 @@ def main() -> None:
               callbacks=[clock])
         return clock
 
+    # ----------------------------------------------------------------- 0. train() vs fit
+    if "fit" not in skip:
+        from darekit.data import load_dataset
+
+        data = load_dataset("cifar10")
+        xs, ys = data.x_train[:n], data.y_train[:n]
+        bare = PhaseClock()
+        model = get_architecture(a.model).build((32, 32, 3), 10)
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=B.xla_allowed(True))
+        model.fit(xs, ys, batch_size=batch, epochs=epochs, verbose=0, callbacks=[bare],
+                  validation_data=(xs[:256], ys[:256]))
+        ours = PhaseClock()
+        train(TrainConfig.resolve(a.model, "cifar10", run_dir=str(tmp / "fit-vs-train"),
+                                  **{**common, "augment": "none"}),
+              callbacks=[ours])
+        ratio = bare.epoch_seconds() / ours.epoch_seconds()
+        results["train_over_bare_fit"] = ratio
+        print(f"train() / bare fit (img/s, history writes included): {ratio:.2f} "
+              f"(goal >= 0.8; bare {n / bare.epoch_seconds():.0f}, train() "
+              f"{n / ours.epoch_seconds():.0f} img/s)", flush=True)
+
     # ----------------------------------------------------------------- 1. training
     clocks: dict[str, PhaseClock] = {}
     if "train" not in skip:
@@ -182,7 +223,7 @@ def main() -> None:
                                              "epoch_images_per_s": n / c.epoch_seconds()}
             print(f"train {precision:15s}: {n / c.train_seconds():9.1f} train img/s, "
                   f"{n / c.epoch_seconds():9.1f} epoch img/s", flush=True)
-        if tf.config.list_physical_devices("GPU"):
+        if B.visible_devices("GPU"):
             got = results[f"train_{a.mixed}"]["train_images_per_s"]
             print(f"goal (one H100, {a.mixed}): >= {GOAL} img/s: "
                   f"{'met' if got >= GOAL else 'NOT met'} ({got:.0f})")
