@@ -94,7 +94,7 @@ def worst_case_rows(rows: Sequence[Mapping[str, Any]],
     """
     from darekit.evaluate import AttackEvaluation
 
-    norms = {r["attack"]: r["norm"] for r in rows}
+    norms = {r["attack"]: r["norm"] for r in rows if r.get("norm")}
     everyone: dict[str, set[str]] = {}
     for attack, norm in norms.items():
         everyone.setdefault(norm, set()).add(attack)

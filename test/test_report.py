@@ -112,3 +112,32 @@ def test_seeds_are_combined_as_mean_and_std(tmp_path):
     mean_rows = [r for r in csv if r["seed"] == "mean"]
     assert {r["model"] for r in mean_rows} == {"dare", "adv-fgsm"}
     assert (tmp_path / "out" / "er.png").is_file()
+
+
+def test_run_report_adds_the_worst_case_per_norm(tmp_path):
+    """Two L-inf attacks on two methods: dare looks best under FGSM alone, but PGD finds much
+    smaller perturbations on it, so the worst case ranks the baseline first."""
+    n = 40
+    base = np.linspace(0.1, 0.2, n)
+    ers = {("dare", "fgsm"): base + 0.05, ("dare", "pgd"): base - 0.05,
+           ("adv-fgsm", "fgsm"): base, ("adv-fgsm", "pgd"): base}
+    parts, rows = {}, []
+    for (model, attack), er in ers.items():
+        parts[model, attack] = {"fooled": np.ones(n, bool), "perturbation": er,
+                                "x_norm": np.ones(n), "clean_correct": np.ones(n, bool),
+                                "robust_at_budget": np.zeros(n, bool), "lo": er * 0.99,
+                                "hi": er}
+        rows.append(row(model, float(er.mean()), attack=attack))
+    path = report.write_run_report(tmp_path, {"results": rows}, parts)
+    md = path.read_text()
+    assert "## Worst case per norm" in md
+    worst = io.read_json(tmp_path / "results.json")["worst_case"]
+    by = {r["model"]: r for r in worst}
+    assert set(by) == {"dare", "adv-fgsm"} and {r["attack"] for r in worst} == {"worst-linf"}
+    assert by["dare"]["er"] == pytest.approx(float(np.mean(base - 0.05)))
+    assert by["adv-fgsm"]["er"] == pytest.approx(float(np.mean(base)))
+    assert by["adv-fgsm"]["significantly_best"] and not by["dare"]["best"]
+    # The per-attack ranking still has dare best under FGSM.
+    per_attack = {(r["model"], r["attack"]): r for r in
+                  io.read_json(tmp_path / "results.json")["results"]}
+    assert per_attack["dare", "fgsm"]["best"]
