@@ -96,7 +96,9 @@ def ddmin(items: Sequence[T], test: Callable[[list[T]], bool]) -> list[T]:
 
 def ddmin_batched(sizes: Sequence[int],
                   test_batch: Callable[[list[tuple[int, Subset]]], Sequence[bool]],
-                  *, known_failing: bool = False) -> tuple[list[Subset], np.ndarray]:
+                  *, known_failing: bool = False,
+                  finished: Callable[[int], object] | None = None
+                  ) -> tuple[list[Subset], np.ndarray]:
     """Run ``len(sizes)`` ddmin searches together, one ``test_batch`` call per round.
 
     Args:
@@ -104,6 +106,8 @@ def ddmin_batched(sizes: Sequence[int],
         test_batch: receives ``[(search_id, subset), ...]`` (at most one entry per search) and
             returns, in the same order, whether each subset fails.
         known_failing: the full set of every search is known to fail (not re-asked).
+        finished: called after each round with the number of searches that ended in it (a
+            progress bar's ``update``); the counts add up to ``len(sizes)``.
 
     Returns:
         ``(results, queries)``: a 1-minimal failing subset per search, and ``(len(sizes),)``
@@ -124,6 +128,8 @@ def ddmin_batched(sizes: Sequence[int],
 
     for i in searches:
         advance(i, None)
+    if finished is not None and len(pending) < len(sizes):
+        finished(len(sizes) - len(pending))
     while pending:
         batch = list(pending.items())
         verdicts = test_batch(batch)
@@ -131,4 +137,6 @@ def ddmin_batched(sizes: Sequence[int],
             raise ValueError(f"test_batch answered {len(verdicts)} of {len(batch)} queries")
         for (i, _), v in zip(batch, verdicts, strict=True):
             advance(i, bool(v))
+        if finished is not None:
+            finished(len(batch) - len(pending))
     return results, queries

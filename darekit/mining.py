@@ -26,8 +26,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+from tqdm.auto import tqdm
 
+from darekit import backend as B
 from darekit import io, layout
 from darekit.config import option
 from darekit.data import DATASETS, dataset_spec
@@ -57,6 +59,7 @@ class MineConfig:
     order: str = option("gain", "order of the patches given to ddmin: by the final model's "
                         "first-order loss gain, or row-major (same 1-minimal guarantee; "
                         "fewer queries with gain)", choices=ORDERS)
+    progress: bool = option(True, "progress bars (the history's directions, then ddmin)")
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -78,41 +81,50 @@ class MineConfig:
 
 # --------------------------------------------------------------------------- model calls
 class LabelPredictor:
-    """``model``'s predicted labels, compiled once for any batch size (no retracing, no
-    padding: the last ddmin rounds have few active inputs and must stay cheap)."""
+    """``model``'s predicted labels, compiled once, its weights passed on each call. On
+    TensorFlow one trace serves any batch size (no padding: the last ddmin rounds have few
+    active inputs and must stay cheap); on JAX every batch is padded to a ``B.bucket`` size
+    (a new shape compiles again there), so a round of 3 inputs costs a 32-row call."""
 
     def __init__(self, model: keras.Model, batch_size: int):
         self.batch_size = batch_size
         self.calls = 0  # model calls (batches), for the statistics
-        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        self._fn = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1),
-                               input_signature=[spec])
+        # No XLA on TensorFlow: the labels stay those of the graph-mode predictor before the
+        # port (JAX always compiles with XLA).
+        self._fn = B.model_function(model, lambda call, x: ops.argmax(call(x), axis=-1),
+                                    jit_compile=False)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(len(x), dtype=np.int64)
         for i in range(0, len(x), self.batch_size):
-            xb = x[i:i + self.batch_size]
-            out[i:i + len(xb)] = self._fn(tf.constant(xb, tf.float32)).numpy()
+            n, xb = _bucketed(x[i:i + self.batch_size], self.batch_size)
+            out[i:i + n] = B.to_numpy(self._fn(ops.convert_to_tensor(xb)))[:n]
             self.calls += 1
         return out
+
+
+def _bucketed(xb: np.ndarray, batch_size: int) -> tuple[int, np.ndarray]:
+    """``(len(xb), xb)`` as float32, padded to a ``B.bucket`` size on JAX (rows dropped)."""
+    n, xb = len(xb), np.asarray(xb, np.float32)
+    if B.needs_buckets(False):
+        xb = B.pad_rows(xb, B.bucket(n, batch_size))
+    return n, xb
 
 
 def input_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray,
                     batch_size: int = 256) -> np.ndarray:
     """``grad_x CE(model(x), y)`` per input, ``(N, H, W, C)`` float32 (inference mode)."""
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-
-    @tf.function
-    def grad(xb, yb):
-        with tf.GradientTape() as tape:
-            tape.watch(xb)
-            loss = ce(yb, model(xb, training=False))
-        return tape.gradient(loss, xb)
-
+    # Compiled without XLA on TensorFlow, as before the port: the directions are signs of
+    # these gradients, and XLA's fusions could flip the sign of a near-zero component.
+    grad = B.model_function(model, lambda call, xb, yb: B.grad(lambda z: ce(yb, call(z)))(xb),
+                            jit_compile=False)
     out = np.empty(x.shape, dtype=np.float32)
     for i in range(0, len(x), batch_size):
-        out[i:i + batch_size] = grad(tf.constant(x[i:i + batch_size]),
-                                     tf.constant(y[i:i + batch_size])).numpy()
+        n, xb = _bucketed(x[i:i + batch_size], batch_size)
+        yb = B.pad_rows(np.asarray(y[i:i + batch_size]), len(xb))
+        out[i:i + n] = B.to_numpy(grad(ops.convert_to_tensor(xb),
+                                       ops.convert_to_tensor(yb)))[:n]
     return out
 
 
@@ -142,7 +154,8 @@ class Minimized:
 
 def minimize_deltas(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
                     delta: np.ndarray, patch: int,
-                    priority: np.ndarray | None = None) -> Minimized:
+                    priority: np.ndarray | None = None,
+                    finished: Callable[[int], Any] | None = None) -> Minimized:
     """ddmin over each input's perturbation patches, all inputs batched together.
 
     Every ``x + delta`` must already be misclassified (``predict(x+delta) != y``) and every
@@ -154,6 +167,7 @@ def minimize_deltas(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, 
         priority: ``(n, H, W)`` per-pixel scores; each input's patches are listed to ddmin in
             decreasing order of their summed score (None: grid order). ddmin splits its list
             into contiguous parts, so putting the likely culprits together saves queries.
+        finished: called after each round with how many inputs' searches ended in it.
     """
     n, h, w = x.shape[:3]
     grid = patch_ids(h, w, patch)
@@ -182,7 +196,8 @@ def minimize_deltas(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, 
         xq = np.clip(x[idx] + delta[idx] * pixel_masks(pairs)[..., None], 0.0, 1.0)
         return predict(xq.astype(np.float32)) != y[idx]
 
-    subsets, queries = ddmin_batched([len(it) for it in items], test_batch, known_failing=True)
+    subsets, queries = ddmin_batched([len(it) for it in items], test_batch, known_failing=True,
+                                     finished=finished)
     pairs = list(enumerate(subsets))
     masks = pixel_masks(pairs) if pairs else np.zeros((0, h, w), bool)
     return Minimized([np.sort(items[i][list(s)]) for i, s in pairs], masks, queries, rounds)
@@ -268,12 +283,17 @@ def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation
 
     delta = np.empty_like(x_all)
     mined_by = np.empty(len(order), dtype=np.int64)
+    bar = tqdm(total=len(order), desc="mining: directions", unit="img", leave=False,
+               disable=not cfg.progress)
     for item, epoch, share in zip(history, epochs, shares, strict=True):
+        bar.set_postfix_str(f"epoch {epoch}")
         model_k = load_history_model(item, final_model)
         delta[share] = fgsm_directions(model_k, x_all[share], y_all[share], cfg.eps_mine,
                                        cfg.batch_size)
         mined_by[share] = epoch
         del model_k
+        bar.update(len(share))
+    bar.close()
     t_grad = time.perf_counter() - t0
 
     final = final_model
@@ -289,7 +309,11 @@ def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation
     if cfg.order == "gain":
         grads = input_gradients(final, x_all[cand], y_all[cand], cfg.batch_size)
         priority = (delta[cand] * grads).sum(axis=-1)
-    mini = minimize_deltas(predict, x_all[cand], y_all[cand], delta[cand], cfg.patch, priority)
+    bar = tqdm(total=len(cand), desc="mining: ddmin", unit="img", leave=False,
+               disable=not cfg.progress)
+    mini = minimize_deltas(predict, x_all[cand], y_all[cand], delta[cand], cfg.patch, priority,
+                           finished=bar.update)
+    bar.close()
     t_ddmin = time.perf_counter() - t1
     x_mined = np.clip(x_all[cand] + delta[cand] * mini.masks[..., None], 0, 1).astype(np.float32)
 

@@ -65,8 +65,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from darekit import backend as B
 from darekit import io, layout
 from darekit.config import option
 from darekit.errors import DareError
@@ -214,28 +215,65 @@ def _dense(layer, xs, refs, y, c_out, cfg):
     return [_weighted_sum(dx, np.asarray(layer.kernel), c_out, cfg)]
 
 
-def _extract(x: tf.Tensor, layer: keras.layers.Conv2D) -> tf.Tensor:
-    kh, kw = layer.kernel_size
-    (sh, sw), (dh, dw) = layer.strides, layer.dilation_rate
-    return tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-                                    rates=[1, dh, dw, 1], padding=layer.padding.upper())
+def _conv_geometry(layer: keras.layers.Conv2D, h: int, w: int
+                   ) -> tuple[int, int, tuple[int, int], tuple[int, int]]:
+    """``(ho, wo, (top, bottom), (left, right))``: output size and zero padding of ``layer``
+    on an ``h x w`` map (TensorFlow's and XLA's ``same``: the odd cell goes after)."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1  # dilated extent of the kernel
+    if layer.padding == "same":
+        ho, wo = -(-h // sh), -(-w // sw)
+        ph, pw = max((ho - 1) * sh + ekh - h, 0), max((wo - 1) * sw + ekw - w, 0)
+        return ho, wo, (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
+    return (h - ekh) // sh + 1, (w - ekw) // sw + 1, (0, 0), (0, 0)
+
+
+def _windows(layer: keras.layers.Conv2D, ho: int, wo: int):
+    """For each kernel cell (a, b), row-major: the strided slices of the padded map it reads."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
+    for a in range(kh):
+        for b in range(kw):
+            yield (slice(a * dh, a * dh + (ho - 1) * sh + 1, sh),
+                   slice(b * dw, b * dw + (wo - 1) * sw + 1, sw))
+
+
+def _extract(x: np.ndarray, layer: keras.layers.Conv2D) -> np.ndarray:
+    """The receptive field of every output position of ``layer``: ``(B, Ho, Wo, kh*kw*C)``
+    from ``x`` ``(B, H, W, C)``, cells ordered (row, column, channel) like the kernel's
+    ``(kh, kw, C, O)`` reshaped to ``(kh*kw*C, O)`` (``tf.image.extract_patches``' order).
+    Zero padding for ``same``. NumPy: the values are copied, so every backend gets the same."""
+    b, h, w, ch = x.shape
+    ho, wo, pad_h, pad_w = _conv_geometry(layer, h, w)
+    xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    cells = [xp[:, r, c, :] for r, c in _windows(layer, ho, wo)]
+    return np.stack(cells, axis=3).reshape(b, ho, wo, len(cells) * ch)
+
+
+def _scatter(g: np.ndarray, layer: keras.layers.Conv2D, shape: tuple[int, ...]) -> np.ndarray:
+    """The adjoint of ``_extract``: every field cell of ``g`` ``(B, Ho, Wo, kh*kw*C)`` added
+    back onto the input position it came from, ``(B, H, W, C)`` (padding dropped)."""
+    b, h, w, ch = shape
+    ho, wo, pad_h, pad_w = _conv_geometry(layer, h, w)
+    g = g.reshape(b, ho, wo, -1, ch)
+    out = np.zeros((b, h + sum(pad_h), w + sum(pad_w), ch), np.float32)
+    for i, (r, c) in enumerate(_windows(layer, ho, wo)):
+        out[:, r, c, :] += g[:, :, :, i, :]
+    return out[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w]
 
 
 def _conv(layer, xs, refs, y, c_out, cfg):
     c_out = _built_in_relu(layer, y, c_out, cfg)
-    dx = tf.constant((xs[0] - refs[0]).astype(np.float32))
-    patches = _extract(dx, layer).numpy()
+    dx = (xs[0] - refs[0]).astype(np.float32)
+    patches = _extract(dx, layer)
     b, ho, wo, f = patches.shape
     # Windows are clipped at the border, as NNSlicer does: padded cells are no synapses.
-    inside = _extract(tf.ones((1, *dx.shape[1:])), layer).numpy().reshape(ho * wo, f) > 0
+    inside = _extract(np.ones((1, *dx.shape[1:]), np.float32), layer).reshape(ho * wo, f) > 0
     valid = np.tile(inside, (b, 1))
     kernel = np.asarray(layer.kernel).reshape(f, -1)  # (kh*kw*Cin, Cout), the patches' order
     g = _weighted_sum(patches.reshape(-1, f), kernel, c_out.reshape(b * ho * wo, -1), cfg,
                       valid)
-    with tf.GradientTape() as tape:  # the adjoint of extract_patches scatters fields back
-        tape.watch(dx)
-        p = _extract(dx, layer)
-    return [tape.gradient(p, dx, output_gradients=tf.constant(g.reshape(p.shape))).numpy()]
+    # g holds small integers (sums of +-1), so the scatter's float32 sums are exact.
+    return [_scatter(g.reshape(patches.shape), layer, dx.shape)]
 
 
 def _add(layer, xs, refs, y, c_out, cfg):
@@ -549,6 +587,8 @@ class Graph:
     needs: frozenset[str]
     tensors: dict[str, Any] = field(repr=False)
     head: keras.Model = field(repr=False)
+    _forward: Callable | None = field(default=None, init=False, repr=False)
+    _gradients: Callable | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def of(cls, model: keras.Model, trace_layers: Sequence[str]) -> Graph:
@@ -579,27 +619,87 @@ class Graph:
             return self.model
         return keras.Model(self.model.inputs[0], self.tensors[self.logits])
 
-    def run(self, x: np.ndarray | tf.Tensor, tape: tf.GradientTape | None = None
-            ) -> dict[str, tf.Tensor]:
+    def run(self, x: Any, offsets: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every tensor of the analysed part for images ``x`` ``(B, H, W, C)``, in inference
-        mode: ``head`` up to the frontier (watched by ``tape`` if given), then the steps."""
+        mode: ``head`` up to the frontier, then the steps. ``offsets`` ``{tensor key: value}``
+        are added to those tensors where they are made, so a gradient with respect to a zero
+        offset is the gradient with respect to the tensor (a pure function of the input,
+        differentiable on every backend). Reads the layers' variables: call it eagerly or
+        inside ``pure`` (which binds them to values passed as arguments)."""
+        offsets = offsets or {}
         outs = self.head(x, training=False)
         if len(self.frontier) == 1:
             outs = [outs]
-        values: dict[int, tf.Tensor] = {}  # id(KerasTensor) -> value, as Node.fill_in wants
+        values: dict[int, Any] = {}  # id(KerasTensor) -> value, as Node.fill_in wants
         for key, value in zip(self.frontier, outs, strict=True):
-            if tape is not None:
-                tape.watch(value)
-            values[id(self.tensors[key])] = value
+            values[id(self.tensors[key])] = value + offsets[key] if key in offsets else value
         for step in self.steps:
             args, kwargs = step.node.arguments.fill_in(values)
-            values[id(self.tensors[step.output])] = step.layer(*args, **{**kwargs,
-                                                                          "training": False})
+            out = step.layer(*args, **{**kwargs, "training": False})
+            if step.output in offsets:
+                out = out + offsets[step.output]
+            values[id(self.tensors[step.output])] = out
         return {key: values[id(t)] for key, t in self.tensors.items()}
+
+    def pure(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(*args)``, which may call ``run``, as a function of the model's current weights:
+        they are passed as arguments on each call (``B.model_state``) and bound to the layers'
+        variables by a ``keras.StatelessScope``. Compiled on JAX (a ``jax.jit`` must not close
+        over the weights; pad the batch to ``B.bucket`` sizes); eager on TensorFlow, as before
+        the port, so its numbers stay bit for bit what they were."""
+        variables = [*self.model.trainable_variables, *self.model.non_trainable_variables]
+
+        def bound(state, *args):
+            values = [*state[0], *state[1]]
+            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                return fn(*args)
+
+        compiled = B.jit(bound) if B.name() == "jax" else bound
+        return lambda *args: compiled(B.model_state(self.model), *args)
 
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """``{tensor key: (B, ...)}`` for every tensor of the analysed part."""
-        return {key: np.asarray(v) for key, v in self.run(x).items()}
+        if self._forward is None:
+            self._forward = self.pure(lambda xb: self.run(xb))
+        n, xb = _padded(x)
+        out = self._forward(xb)  # a jax.jit returns its dicts with sorted keys
+        return {key: B.to_numpy(out[key])[:n] for key in self.tensors}
+
+    def trace_gradients(self, x: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+        """``{trace layer: d logit_c / d a}`` ``(B, ...)`` for images ``x``, class ``classes``
+        ``(B,)`` each: one backward pass from the sum of the criterion logits."""
+        keys = list(self.trace.values())
+        shapes = [tuple(self.tensors[k].shape[1:]) for k in keys]
+        sizes = [int(np.prod(s)) for s in shapes]
+        ends = np.cumsum(sizes).tolist()
+        if self._gradients is None:
+            def grads(xb, onehot):
+                # One zero offset per traced tensor, flattened side by side into z (B, sum):
+                # d logit / d z is the gradient at every traced tensor in one backward pass.
+                def logit(z):
+                    offsets = {k: ops.reshape(z[:, e - n:e], (-1, *s))
+                               for k, s, n, e in zip(keys, shapes, sizes, ends, strict=True)}
+                    return ops.sum(self.run(xb, offsets)[self.logits] * onehot)
+
+                return B.grad(logit)(ops.zeros((ops.shape(xb)[0], ends[-1]), "float32"))
+
+            self._gradients = self.pure(grads)
+        n, xb = _padded(x)
+        onehot = np.eye(self.num_classes, dtype=np.float32)[B.pad_rows(np.asarray(classes),
+                                                                        len(xb))]
+        g = B.to_numpy(self._gradients(xb, onehot))[:n]
+        return {name: g[:, e - k:e].reshape(n, *s)
+                for name, s, k, e in zip(self.trace, shapes, sizes, ends, strict=True)}
+
+
+def _padded(x: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(len(x), x)``, ``x`` float32 padded to a ``B.BUCKETS`` size on JAX (each new batch
+    shape compiles again there; the padded rows are valid images whose results are dropped)."""
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    if B.needs_buckets(False):
+        x = B.pad_rows(x, B.bucket(n, B.BUCKETS[-1]))
+    return n, x
 
 
 def contributions(graph: Graph, acts: Mapping[str, np.ndarray], refs: Mapping[str, np.ndarray],
@@ -633,17 +733,13 @@ def contributions(graph: Graph, acts: Mapping[str, np.ndarray], refs: Mapping[st
 
 
 def approx_contributions(graph: Graph, x: np.ndarray, refs: Mapping[str, np.ndarray],
-                         classes: np.ndarray, cfg: SliceConfig) -> dict[str, np.ndarray]:
-    """Gradient x delta, ``(a - mean) * d logit_c / d a`` at each sliced layer ``(B, ...)``."""
-    with tf.GradientTape() as tape:
-        values = graph.run(x, tape)
-        out = values[graph.logits]
-        logit = tf.reduce_sum(out * tf.one_hot(classes, out.shape[-1]))
-    keys = list(graph.trace.values())
-    grads = tape.gradient(logit, [values[k] for k in keys],
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return {name: (np.asarray(values[k]) - refs[k]) * np.asarray(gr)
-            for (name, k), gr in zip(graph.trace.items(), grads, strict=True)}
+                         classes: np.ndarray, cfg: SliceConfig,
+                         acts: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Gradient x delta, ``(a - mean) * d logit_c / d a`` at each sliced layer ``(B, ...)``
+    (``acts``: ``graph.forward(x)`` if the caller has it)."""
+    acts = graph.forward(x) if acts is None else acts
+    grads = graph.trace_gradients(x, classes)
+    return {name: (acts[k] - refs[k]) * grads[name] for name, k in graph.trace.items()}
 
 
 def _exact(graph, x, acts, refs, classes, cfg):
@@ -651,7 +747,7 @@ def _exact(graph, x, acts, refs, classes, cfg):
 
 
 def _approx(graph, x, acts, refs, classes, cfg):
-    return approx_contributions(graph, x, refs, classes, cfg)
+    return approx_contributions(graph, x, refs, classes, cfg, acts)
 
 
 MODES: dict[str, Callable[..., dict[str, np.ndarray]]] = {"exact": _exact, "approx": _approx}

@@ -126,3 +126,28 @@ def test_known_failing_skips_the_full_set_query():
         assert stop.value == (2,)
     assert (0, 1, 2, 3) not in seen
     assert not list(itertools.chain.from_iterable(s for s in seen if not s))  # never empty
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 10_000)), min_size=1, max_size=8),
+       st.booleans())
+def test_finished_reports_every_search_once_as_it_ends(cases, known_failing):
+    """The progress callback: each round, how many searches ended in it; all of them in all."""
+    preds = [_monotone(frozenset({seed % n, (seed // 7) % n})) for n, seed in cases]
+    active = []  # searches still asking, before each round
+    reports = []
+
+    def test_batch(batch):
+        active.append(len(batch))
+        return [preds[i](s) for i, s in batch]
+
+    def finished(k):
+        reports.append(k)
+
+    results, _ = ddmin_batched([n for n, _ in cases], test_batch, known_failing=known_failing,
+                               finished=finished)
+    assert sum(reports) == len(cases) and all(k >= 0 for k in reports)
+    # after each round, the searches that ended are those that do not ask in the next one
+    after = reports[len(reports) - len(active):]
+    nxt = [*active[1:], 0][:len(active)]
+    assert [a - b for a, b in zip(active, nxt, strict=True)] == after

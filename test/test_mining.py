@@ -16,6 +16,7 @@ from darekit.mining import (
     fgsm_directions,
     input_gradients,
     load_mined,
+    mine,
     minimize_deltas,
     patch_ids,
 )
@@ -38,6 +39,86 @@ def test_eps_mine_defaults():
     assert MineConfig(eps_mine=0.05).resolved("svhn").eps_mine == 0.05
     with pytest.raises(DareError, match="--eps-mine"):
         MineConfig(eps_mine=0.0)
+
+
+# --------------------------------------------------------------------------- a fixed model
+def _mean_threshold_model():
+    """8x8x1 images -> class 0 iff mean(x) > 0.5, with NumPy-set weights (the same on every
+    backend): fc = [relu(mean - 0.5), relu(0.5 - mean)], logits = fc."""
+    import keras
+
+    x_in = keras.Input((8, 8, 1), name="image")
+    h = keras.layers.Flatten(name="flat")(x_in)
+    h = keras.layers.Dense(2, activation="relu", name="fc")(h)
+    model = keras.Model(x_in, keras.layers.Dense(2, name="logits")(h))
+    w = np.stack([np.full(64, 1 / 64), np.full(64, -1 / 64)], axis=1).astype("float32")
+    model.get_layer("fc").set_weights([w, np.array([-0.5, 0.5], np.float32)])
+    model.get_layer("logits").set_weights([np.eye(2, dtype=np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+def _near_the_threshold(n: int):
+    """Images of mean 0.55 (class 0) and 0.45 (class 1) with a zero-mean checkerboard."""
+    y = np.arange(n) % 2
+    board = 0.01 * (np.indices((8, 8)).sum(0) % 2 * 2 - 1)
+    x = (np.where(y == 0, 0.55, 0.45)[:, None, None] + board)[..., None].astype("float32")
+    return x, y
+
+
+def test_predictor_and_gradients_on_a_fixed_model():
+    model = _mean_threshold_model()
+    x, y = _near_the_threshold(7)
+    predict = LabelPredictor(model, 3)  # batches of 3, 3, 1: padded to buckets on JAX
+    np.testing.assert_array_equal(predict(x), y)
+    assert predict.calls == 3
+    g = input_gradients(model, x, y, batch_size=3)
+    # CE of the true class: its logit (mean - 0.5 or 0.5 - mean) has d/dx = +-1/64, the other
+    # logit is a dead ReLU; dCE/dlogit_y = p_y - 1.
+    p_y = 1 / (1 + np.exp(-0.05))
+    want = np.where(y == 0, -1, 1)[:, None, None, None] * (1 - p_y) / 64
+    np.testing.assert_allclose(g, np.broadcast_to(want, g.shape), rtol=1e-4)
+    d = fgsm_directions(model, x, y, 0.15, batch_size=3)
+    np.testing.assert_array_equal(d, np.broadcast_to(np.float32(0.15) * np.sign(want),
+                                                     d.shape))
+
+
+@pytest.mark.parametrize("order", ["grid", "gain"])
+def test_mine_on_a_fixed_model(order, capsys):
+    """Every input falls at x + delta; each of the four 4x4 patches moves the mean by 0.0375,
+    so two patches (0.075 > 0.05) are 1-minimal, found in 3 queries ([0,1], [0], [1])."""
+    model = _mean_threshold_model()
+    x, y = _near_the_threshold(6)
+    cfg = MineConfig(eps_mine=0.15, batch_size=4, order=order, progress=False)
+    res = mine([model, model], model, x, y, ("fc",), cfg, log=lambda s: None)
+    s = res.stats
+    assert s["inputs"] == s["clean_correct"] == s["failures"] == 6
+    assert s["s_star_size"]["min"] == s["s_star_size"]["max"] == 2
+    assert s["ddmin_queries_per_collected_input"]["max"] == 3
+    mined = ~res.anchor
+    assert res.anchor.sum() == 6 and set(res.epoch) == {1, 2}
+    np.testing.assert_array_equal(res.patches[mined], 2)
+    # x' = x - 0.15 on patches 0 and 1 (the top half) only, and the final model calls it wrong
+    diff = res.x[mined] - x[res.index[mined]]
+    sign = np.where(res.y[mined] == 0, -1.0, 1.0)[:, None, None, None]  # toward the threshold
+    np.testing.assert_allclose(diff[:, :4], np.broadcast_to(0.15 * sign, diff[:, :4].shape),
+                               atol=1e-6)
+    assert (diff[:, 4:] == 0).all()
+    assert (np.argmax(model.predict(res.x[mined], verbose=0), -1) != res.y[mined]).all()
+    # targets: fc on the clean x, [0.05, 0] for class 0 and [0, 0.05] for class 1
+    t = res.targets["fc"]
+    np.testing.assert_allclose(t, 0.05 * np.eye(2)[res.y], atol=1e-6)
+    assert capsys.readouterr().err == ""  # progress=False: no bar
+
+
+def test_mine_shows_progress_bars(capsys):
+    """Issue 16: dk.mine ran for minutes without a word; it now shows the history's directions
+    and the ddmin searches as progress bars (progress=True, the default)."""
+    model = _mean_threshold_model()
+    x, y = _near_the_threshold(4)
+    assert MineConfig().progress
+    mine([model], model, x, y, ("fc",), MineConfig(eps_mine=0.15), log=lambda s: None)
+    err = capsys.readouterr().err
+    assert "mining: directions" in err and "mining: ddmin" in err and "4/4" in err
 
 
 def test_traces_average_conv_channels(fm_run):
