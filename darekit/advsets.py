@@ -34,6 +34,7 @@ from darekit.config import option
 from darekit.data import balanced_subset, budgets_text
 from darekit.errors import DareError
 from darekit.rundir import Run
+from darekit.seeding import derive_seed
 
 SPLITS = ("train", "test")
 
@@ -91,8 +92,9 @@ def select_images(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
-    # One independent TF seed per chunk, so a resumed run redraws exactly the same random starts.
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] >> 1)
+    # One independent seed per chunk (Foolbox's random starts: TensorFlow's global RNG or
+    # eagerpy's JAX key), so a resumed run redraws exactly the same random starts.
+    return derive_seed(seed, chunk)
 
 
 def generate(run: Run, cfg: GenerateConfig, attack: str, *,

@@ -75,6 +75,7 @@ from darekit import linf
 from darekit.attacks import predict_logits
 from darekit.config import option
 from darekit.errors import DareError
+from darekit.seeding import derive_words
 
 if TYPE_CHECKING:
     from darekit.adv_training import PGDConfig
@@ -278,7 +279,7 @@ def _seeded(seed: int, *keys: int) -> Iterator[None]:
     """Seed NumPy's and Python's global RNGs (ART draws from both) from ``(seed, *keys)``;
     restore the caller's states on exit."""
     state = np.random.get_state(), random.getstate()
-    words = np.random.SeedSequence([seed, *keys]).generate_state(4)
+    words = derive_words(seed, *keys, n=4)
     np.random.seed(words)
     random.seed(int(words[0]) << 32 | int(words[1]))
     try:

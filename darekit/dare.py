@@ -35,12 +35,12 @@ from darekit import distribute, io, layout
 from darekit.config import by_architecture, option
 from darekit.errors import DareError
 from darekit.finetune import (
-    TENSORBOARD_HELP,
     EpochLog,
     EvalSets,
     FinetuneConfig,
     diverged,
     finetune_ce,
+    frozen_batchnorm,
     tensorboard,
 )
 from darekit.mining import MineResult, load_mined
@@ -88,15 +88,12 @@ class DareConfig:
     min_rel_change: float = option(1e-6, "largest relative weight change below which the "
                                    "weights 'did not move' (the run is then not a result)")
     verbose: int = option(2, "Keras progress output", choices=(0, 1, 2))
-    devices: str | None = option(None, distribute.DEVICES_HELP,
-                                 default_text=distribute.DEVICES_DEFAULT,
-                                 parse=distribute.normalize_devices)
-    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
-    tensorboard: bool = option(False, TENSORBOARD_HELP)
+    devices: str | None = distribute.devices_option()
+    precision: str = distribute.precision_option()
+    tensorboard: bool = distribute.tensorboard_option()
 
     def __post_init__(self) -> None:
-        distribute.check_precision(self.precision)
-        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
+        distribute.check_options(self)
         if self.variant not in VARIANTS:
             raise DareError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
         if self.loss not in LOSSES:
@@ -229,21 +226,12 @@ def tune_regression(model: keras.Model, mined: MineResult, masks: Mapping[str, n
     units = {n: int(o.shape[-1]) for n, o in zip(layers, r.outputs, strict=True)}
     m = sample_masks(masks, mined.y, units)
     y_true = [np.concatenate([mined.targets[n], m[n]], axis=1) for n in layers]
-    bn = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
-    for la in bn:
-        la.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
-    try:
-        with distribute.model_scope(model):
-            r.compile(optimizer=keras.optimizers.SGD(cfg.lr),
-                      loss=[LOSSES[cfg.loss]] * len(layers))
-            distribute.build_optimizer(r)  # keras-team/keras#23085
-            log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
-            r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-                  callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), log],
-                  verbose=cfg.verbose)
-    finally:
-        for la in bn:
-            la.trainable = True
+    with frozen_batchnorm(model), distribute.model_scope(model):
+        r.compile(optimizer=keras.optimizers.SGD(cfg.lr), loss=[LOSSES[cfg.loss]] * len(layers))
+        distribute.build_optimizer(r)  # keras-team/keras#23085
+        log = EpochLog(model, eval_sets, log_path, {"variant": cfg.variant})
+        r.fit(mined.x, y_true, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+              callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), log], verbose=cfg.verbose)
     return Tuned(log.rows, r)
 
 

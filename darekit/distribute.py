@@ -46,6 +46,7 @@ from typing import Any
 import keras
 
 from darekit import backend as B
+from darekit.config import option
 from darekit.errors import DareError
 from darekit.models import copy_weights
 
@@ -265,3 +266,28 @@ def plain_copy(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Mo
     finally:
         keras.config.set_dtype_policy(previous)
     return copy_weights(model, plain)
+
+
+# ---------------------------------------------------------------------------- the options
+# Every config that fits a model (TrainConfig, DareConfig, FinetuneConfig) declares these three
+# fields, defined here once: the same help, default, choices and parsing everywhere.
+def devices_option() -> Any:
+    """The ``devices`` field of a config (``--devices``; ``None``: ``DEVICES_DEFAULT``)."""
+    return option(None, DEVICES_HELP, default_text=DEVICES_DEFAULT, parse=normalize_devices)
+
+
+def precision_option() -> Any:
+    """The ``precision`` field of a config (``--precision``, one of ``PRECISIONS``)."""
+    return option("float32", PRECISION_HELP, choices=PRECISIONS)
+
+
+def tensorboard_option(folder: str = "<model name>") -> Any:
+    """The ``tensorboard`` flag of a config: logs go to ``<run-dir>/tensorboard/<folder>/``."""
+    return option(False, f"write TensorBoard logs into <run-dir>/tensorboard/{folder}/")
+
+
+def check_options(cfg: Any) -> None:
+    """In a frozen config's ``__post_init__``: check ``cfg.precision`` and normalise
+    ``cfg.devices`` in place."""
+    check_precision(cfg.precision)
+    object.__setattr__(cfg, "devices", normalize_devices(cfg.devices))

@@ -55,6 +55,7 @@ from darekit.crosscheck import CrossCheckConfig, cross_check, transfer_set
 from darekit.data import balanced_subset, dataset_spec
 from darekit.errors import DareError
 from darekit.rundir import Run
+from darekit.seeding import derive_seed
 
 DEFINITIONS = {
     "clean_accuracy": "fraction of the N test images classified correctly",
@@ -256,7 +257,7 @@ def _proposals(active, lo, hi, m_lo, m_hi, prev_lo, m_prev, width, tol, eps_max,
 
 
 def _seed(seed: int, *parts: int) -> int:
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] >> 1)
+    return derive_seed(seed, *parts)
 
 
 def _engine_probe(model: keras.Model, spec: AttackSpec, params: Mapping[str, Any],

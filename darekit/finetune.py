@@ -15,8 +15,9 @@ model was built under.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,6 @@ def diverged(model: keras.Model, rows: list[dict[str, Any]]) -> bool:
     their relative change overflows (seen on smallcnn: finite weights, chance accuracy)."""
     finite = all(np.isfinite(w).all() for w in model.get_weights())
     return not (finite and np.isfinite(rows[-1].get("max_rel_change", 0.0)))
-
-
-TENSORBOARD_HELP = "write TensorBoard logs into <run-dir>/tensorboard/<model name>/"
 
 
 def tensorboard(enabled: bool, log_dir: Any) -> list[keras.callbacks.Callback]:
@@ -129,15 +127,12 @@ class FinetuneConfig:
     optimizer: str = option("sgd", "optimizer", choices=lambda: sorted(FT_OPTIMIZERS))
     momentum: float = option(0.0, "SGD momentum")
     seed: int = option(0, "seeds shuffling and dropout")
-    devices: str | None = option(None, distribute.DEVICES_HELP,
-                                 default_text=distribute.DEVICES_DEFAULT,
-                                 parse=distribute.normalize_devices)
-    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
-    tensorboard: bool = option(False, TENSORBOARD_HELP)
+    devices: str | None = distribute.devices_option()
+    precision: str = distribute.precision_option()
+    tensorboard: bool = distribute.tensorboard_option()
 
     def __post_init__(self) -> None:
-        distribute.check_precision(self.precision)
-        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
+        distribute.check_options(self)
         if self.epochs < 1 or self.batch_size < 1:
             raise DareError(f"--epochs and --batch-size must be positive; received "
                             f"{self.epochs}, {self.batch_size}")
@@ -146,6 +141,22 @@ class FinetuneConfig:
         if self.optimizer not in FT_OPTIMIZERS:
             raise DareError(f"--optimizer must be one of {sorted(FT_OPTIMIZERS)}; "
                             f"received {self.optimizer!r}")
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(model: keras.Model) -> Iterator[list[keras.layers.Layer]]:
+    """Freeze ``model``'s ``BatchNormalization`` layers while fine-tuning (Keras 3: a frozen BN
+    layer runs in inference mode, so its statistics are not re-estimated on the small
+    fine-tuning set); each layer's ``trainable`` is restored on exit. Yields the layers."""
+    bn = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    before = [la.trainable for la in bn]
+    for la in bn:
+        la.trainable = False
+    try:
+        yield bn
+    finally:
+        for la, t in zip(bn, before, strict=True):
+            la.trainable = t
 
 
 FT_OPTIMIZERS = {
@@ -168,20 +179,13 @@ def finetune_ce(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: FinetuneC
     ``distribute.distribution(cfg.devices, cfg.precision).scope()`` to tune on those devices
     and in that precision); ``cfg.batch_size`` is the global batch.
     """
-    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in bn:
-        layer.trainable = False  # Keras 3: a frozen BN layer runs in inference mode
-    try:
-        with distribute.model_scope(model):
-            model.compile(optimizer=FT_OPTIMIZERS[cfg.optimizer](cfg),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
-            distribute.build_optimizer(model)  # keras-team/keras#23085
-            log = EpochLog(model, eval_sets, log_path, extra)
-            keras.utils.set_random_seed(cfg.seed)
-            model.fit(x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-                      callbacks=[*callbacks, log], verbose=verbose)
-    finally:
-        for layer in bn:
-            layer.trainable = True
+    with frozen_batchnorm(model), distribute.model_scope(model):
+        model.compile(optimizer=FT_OPTIMIZERS[cfg.optimizer](cfg),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        distribute.build_optimizer(model)  # keras-team/keras#23085
+        log = EpochLog(model, eval_sets, log_path, extra)
+        keras.utils.set_random_seed(cfg.seed)
+        model.fit(x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                  callbacks=[*callbacks, log], verbose=verbose)
     return log.rows

@@ -79,11 +79,9 @@ class TrainConfig:
                                "turned off under a multi-device strategy)")
     deterministic: bool = option(False, "deterministic TF ops: the same seed repeats bit "
                                  "for bit (slower)")
-    devices: str | None = option(None, distribute.DEVICES_HELP,
-                                 default_text=distribute.DEVICES_DEFAULT,
-                                 parse=distribute.normalize_devices)
-    precision: str = option("float32", distribute.PRECISION_HELP, choices=distribute.PRECISIONS)
-    tensorboard: bool = option(False, "write TensorBoard logs into <run-dir>/tensorboard/train/")
+    devices: str | None = distribute.devices_option()
+    precision: str = distribute.precision_option()
+    tensorboard: bool = distribute.tensorboard_option("train")
     run_dir: str | None = option(None, "run directory",
                                  default_text="runs/<dataset>-<model>-s<seed>")
     resume: bool = option(False, "continue the run in --run-dir from its last complete epoch")
@@ -91,8 +89,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_architecture(self.model)  # raises on an unknown name
-        distribute.check_precision(self.precision)
-        object.__setattr__(self, "devices", distribute.normalize_devices(self.devices))
+        distribute.check_options(self)
         dataset_spec(self.dataset)  # raises on an unknown name
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

@@ -352,3 +352,67 @@ def test_the_notebook_import_checks_the_split_and_warns_without_one(capsys):
     good = Split(np.arange(0, 50), np.arange(50, 100), seed=0, subset=None)
     imp = import_model(_tiny(4, "a"), ds, layers=("conv",), check_images=20, split=good)
     assert "no split given" not in capsys.readouterr().err
+
+
+# ============================================================================ item 10: debts
+def test_the_distribution_options_are_defined_once():
+    import dataclasses
+
+    from darekit import distribute
+    from darekit.finetune import FinetuneConfig
+    from darekit.training import TrainConfig
+
+    one = {"devices": distribute.devices_option(), "precision": distribute.precision_option(),
+           "tensorboard": distribute.tensorboard_option()}
+    for cls in (TrainConfig, DareConfig, FinetuneConfig):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, field in one.items():
+            got = fields[name]
+            assert got.default == field.default, (cls.__name__, name)
+            keys = set(field.metadata) - ({"help"} if name == "tensorboard" else set())
+            assert {k: got.metadata[k] for k in keys} == {k: field.metadata[k] for k in keys}
+        assert fields["tensorboard"].metadata["help"].startswith("write TensorBoard logs into")
+    with pytest.raises(DareError):
+        DareConfig(precision="float8")
+    assert FinetuneConfig(devices=" CPU:0 ").devices == TrainConfig.resolve(
+        "smallcnn", "fashion_mnist", devices="CPU:0").devices == "CPU:0"
+    sources = {p.name: p.read_text() for p in (ROOT / "darekit").glob("*.py")}
+    assert [n for n, s in sources.items() if "DEVICES_HELP" in s] == ["distribute.py"]
+
+
+def test_batchnorm_is_frozen_by_one_helper_that_restores_each_layer():
+    from darekit.finetune import FinetuneConfig, finetune_ce, frozen_batchnorm
+
+    inp = keras.Input((4, 4, 1))
+    h = keras.layers.BatchNormalization(name="bn_a")(inp)
+    h = keras.layers.BatchNormalization(name="bn_b")(h)
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    model.get_layer("bn_b").trainable = False  # frozen by its owner: must stay frozen
+    with frozen_batchnorm(model) as bn:
+        assert [la.name for la in bn] == ["bn_a", "bn_b"]
+        assert not any(la.trainable for la in bn)
+    assert model.get_layer("bn_a").trainable and not model.get_layer("bn_b").trainable
+    x = np.random.default_rng(0).uniform(0, 1, (8, 4, 4, 1)).astype("float32")
+    finetune_ce(model, x, np.arange(8) % 2, FinetuneConfig(epochs=1, batch_size=8),
+                eval_sets={}, verbose=0)
+    assert model.get_layer("bn_a").trainable and not model.get_layer("bn_b").trainable
+    sources = {p.name: p.read_text() for p in (ROOT / "darekit").glob("*.py")}
+    freezers = [n for n, s in sources.items()
+                if re.search(r"isinstance\(\w+, keras\.layers\.BatchNormalization\)\]", s)]
+    assert freezers == ["finetune.py"]
+
+
+def test_seeds_are_derived_by_one_helper_with_the_old_values():
+    from darekit import advsets, crosscheck, evaluate
+    from darekit.seeding import derive_seed, derive_words
+
+    old = lambda *k: int(np.random.SeedSequence(list(k)).generate_state(1)[0] >> 1)  # noqa: E731
+    for keys in ((0, 1), (7, 3, 2), (123,)):
+        assert derive_seed(*keys) == old(*keys)
+    assert evaluate._seed(5, 2, 1) == old(5, 2, 1) and advsets._chunk_seed(5, 4) == old(5, 4)
+    np.testing.assert_array_equal(derive_words(3, 1, n=4),
+                                  np.random.SeedSequence([3, 1]).generate_state(4))
+    assert crosscheck is not None
+    users = [p.name for p in (ROOT / "darekit").rglob("*.py") if "SeedSequence(" in
+             p.read_text()]
+    assert users == ["seeding.py"]
