@@ -2,9 +2,10 @@
 
 The attack runs inside Keras' compiled train step: ``PGDTrainer`` is the architecture's own
 functional graph (same layers, same weights file) whose ``train_step`` replaces each batch by
-its PGD adversarial examples before the ordinary step. The PGD loop is a Python loop over a
-fixed step count inside that ``tf.function`` (unrolled in the graph): no per-batch Python or
-Foolbox overhead. While crafting, batch norm and dropout run in inference mode
+its PGD adversarial examples (``darekit.linf``, over the model as a pure function of the
+step's weights) before the ordinary step. The PGD loop is a Python loop over a fixed step
+count inside the compiled step (unrolled): no per-batch Python or Foolbox overhead. While
+crafting, batch norm and dropout run in inference mode
 (``training=False``): the attack sees the deterministic model it attacks, and the BN running
 statistics are updated once per batch, by the training pass on the adversarial batch (the
 seed's PyTorch code crafts in train mode, which updates them 7 more times per batch).
@@ -16,9 +17,10 @@ on the held-out test images to the epoch's log row (``robust_accuracy``, ``robus
 ``val_accuracy``/``val_loss`` are the clean ones, and ``accuracy``/``loss`` are measured on
 the adversarial training batches.
 
-Under a multi-device strategy (``--devices``) each replica crafts the attack on its share of the
-global batch; its random start is its rows of the global batch's draw (``replica_rows``), so the
-adversarial batch does not depend on the number of replicas.
+Under TensorFlow's ``MirroredStrategy`` (``--devices``) each replica crafts the attack on its
+share of the global batch; its random start is its rows of the global batch's draw
+(``replica_rows``), so the adversarial batch does not depend on the number of replicas. Under
+JAX's ``DataParallel`` the step is one SPMD program over the global batch: nothing to do.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from darekit import distribute, io, layout, training
+from darekit import backend as B
+from darekit import distribute, io, layout, linf, training
 from darekit.config import option
 from darekit.data import DATASETS, dataset_spec
 from darekit.errors import DareError
@@ -81,62 +84,78 @@ class PGDConfig:
         return cls(**values | {k: v for k, v in given.items() if v is not None})
 
 
-def linf_pgd(model: keras.Model, x: tf.Tensor, y: tf.Tensor, cfg: PGDConfig,
-             seed: tf.Tensor, rows: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
-    """PGD adversarial examples of ``x`` ``(B, H, W, C)`` in [0, 1] for labels ``y`` ``(B,)``.
+def _start(x0: Any, eps: float, seed: Any, rows: tuple[Any, Any] | None) -> Any:
+    """The uniform random start of ``x0``; ``rows``: this replica's slice of the global
+    batch's draw (TF's ``MirroredStrategy`` only, ``distribute.replica_rows``)."""
+    if rows is None:
+        return linf.random_start(x0, eps, seed)
+    offset, total = rows
+    n = ops.shape(x0)[0]
+    u = B.stateless_uniform((total, *ops.shape(x0)[1:]), seed)[offset:offset + n]
+    return ops.clip(x0 + (u * (eps + eps) - eps), 0.0, 1.0)
 
-    ``model`` outputs logits and runs in inference mode; ``seed`` (2 integers) draws the random
-    start statelessly, so a batch's attack depends only on the seed. ``rows``: ``(offset,
-    total)`` when ``x`` is a replica's slice of a global batch of ``total`` rows (the random
-    start is then that slice of the global batch's draw). Meant to run inside a
-    ``tf.function`` (the step loop unrolls); the result carries no gradient.
-    """
-    x0 = tf.convert_to_tensor(x, tf.float32)
-    y = tf.cast(y, tf.int64)
-    xa = x0
-    if cfg.random_start:
-        if rows is None:
-            noise = tf.random.stateless_uniform(tf.shape(x0), seed, -cfg.eps, cfg.eps)
-        else:
-            offset, total = rows
-            shape = tf.concat([tf.reshape(total, [1]), tf.shape(x0, out_type=tf.int64)[1:]], 0)
-            noise = tf.random.stateless_uniform(shape, seed, -cfg.eps, cfg.eps)
-            noise = noise[offset:offset + tf.shape(x0, out_type=tf.int64)[0]]
-        xa = tf.clip_by_value(x0 + noise, 0.0, 1.0)
-    for _ in range(cfg.steps):
-        with tf.GradientTape() as tape:
-            tape.watch(xa)
-            logits = model(xa, training=False)
-            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-        xa = xa + cfg.step_size * tf.sign(tape.gradient(loss, xa))
-        xa = tf.clip_by_value(tf.clip_by_value(xa, x0 - cfg.eps, x0 + cfg.eps), 0.0, 1.0)
-    return tf.stop_gradient(xa)
+
+def craft(call: linf.Call, x: Any, y: Any, cfg: PGDConfig, seed: Any,
+          rows: tuple[Any, Any] | None = None) -> Any:
+    """PGD adversarial examples of ``x`` ``(B, H, W, C)`` in [0, 1] for labels ``y`` ``(B,)``
+    against ``call(x) -> logits`` (a model as a pure function, in inference mode:
+    ``darekit.linf``). ``seed`` (2 integers) draws the random start statelessly, so a batch's
+    attack depends only on the seed; ``rows`` as in ``_start``. Meant to run inside a compiled
+    function (the step loop unrolls); the result carries no gradient."""
+    x0 = ops.convert_to_tensor(x, "float32")
+    start = _start(x0, cfg.eps, seed, rows) if cfg.random_start else None
+    return linf.pgd(call, x0, y, cfg.eps, cfg.step_size, cfg.steps, start=start)
+
+
+def linf_pgd(model: keras.Model, x: Any, y: Any, cfg: PGDConfig, seed: Any,
+             rows: tuple[Any, Any] | None = None, *,
+             state: tuple[list, list] | None = None) -> Any:
+    """``craft`` against ``model`` in inference mode with the weights ``state``
+    (``B.model_state(model)`` when ``None``: pass them in explicitly inside a JAX step)."""
+    state = B.model_state(model) if state is None else state
+    return craft(lambda z: B.stateless_logits(model, state, z), x, y, cfg, seed, rows)
 
 
 def pgd_function(model: keras.Model, cfg: PGDConfig):
-    """``f(x, y, seed) -> x_adv``: ``linf_pgd`` compiled once for ``model``."""
-    return tf.function(lambda x, y, seed: linf_pgd(model, x, y, cfg, seed),
-                       reduce_retracing=True)
+    """``f(x, y, seed) -> x_adv``: ``craft`` compiled once for ``model`` (its current weights
+    are passed at each call); ``seed``: 2 integers (``B.seed_array``). XLA unless TF's op
+    determinism forbids it (``B.xla_allowed``)."""
+    return B.model_function(model, lambda call, x, y, seed: craft(call, x, y, cfg, seed),
+                            jit_compile=B.xla_allowed(True))
+
+
+def robust_function(model: keras.Model, cfg: PGDConfig):
+    """``f(x, y, seed) -> (clean predictions, PGD predictions, PGD loss)`` per input, compiled
+    once for ``model`` (current weights at each call)."""
+    def fn(call, x, y, seed):
+        adv = call(craft(call, x, y, cfg, seed))
+        return ops.argmax(call(x), axis=-1), ops.argmax(adv, axis=-1), B.sparse_ce(y, adv)
+    return B.model_function(model, fn, jit_compile=B.xla_allowed(True))
 
 
 def robust_evaluation(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: PGDConfig, *,
                       batch_size: int = 256, seed: int = 0, attack=None) -> dict[str, float]:
-    """Clean and PGD accuracy (and PGD loss) of ``model`` on ``(x, y)``, batched.
+    """Clean and PGD accuracy (and PGD loss) of ``model`` on ``(x, y)``, batched; batch ``b``'s
+    random start is drawn from ``(seed, b)``.
 
-    ``attack``: a ``pgd_function`` to reuse (avoids retracing every call).
+    ``attack``: a ``robust_function(model, cfg)`` to reuse (avoids compiling every call).
+    Under XLA (always on JAX) a short last batch is padded to a bucket size (``B.bucket``), so
+    that few shapes compile; padded rows are dropped.
     """
-    attack = attack or pgd_function(model, cfg)
+    attack = attack or robust_function(model, cfg)
+    y = np.asarray(y).astype(np.int32 if B.name() == "jax" else np.int64)
     correct = robust = 0
     loss = 0.0
     for b, i in enumerate(range(0, len(x), batch_size)):
-        xb = tf.constant(x[i:i + batch_size])
-        yb = tf.constant(y[i:i + batch_size], tf.int64)
-        xa = attack(xb, yb, tf.constant([seed, b], tf.int64))
-        clean_logits, adv_logits = model(xb, training=False), model(xa, training=False)
-        correct += int(tf.reduce_sum(tf.cast(tf.argmax(clean_logits, -1) == yb, tf.int32)))
-        robust += int(tf.reduce_sum(tf.cast(tf.argmax(adv_logits, -1) == yb, tf.int32)))
-        loss += float(tf.reduce_sum(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(yb, adv_logits)))
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        n = len(xb)
+        if B.needs_buckets(B.xla_allowed(True)):
+            m = B.bucket(n, batch_size)
+            xb, yb = B.pad_rows(xb, m), B.pad_rows(yb, m)
+        clean, adv, ce = (B.to_numpy(t)[:n] for t in attack(xb, yb, B.seed_array(seed, b)))
+        correct += int(np.sum(clean == yb[:n]))
+        robust += int(np.sum(adv == yb[:n]))
+        loss += float(np.sum(ce, dtype=np.float64))
     n = max(len(x), 1)
     return {"clean_accuracy": correct / n, "robust_accuracy": robust / n, "robust_loss": loss / n}
 
@@ -146,7 +165,9 @@ class PGDTrainer(keras.Model):
 
     Built on an architecture's inputs and outputs (``PGDTrainer.wrap(model, cfg, seed)``), it
     shares that model's layers, so its weights file is the architecture's own and
-    ``Run.load_model`` reads it back as a plain classifier.
+    ``Run.load_model`` reads it back as a plain classifier. Its ``train_step`` has the form of
+    the backend: ``train_step(self, data)`` on TensorFlow, ``train_step(self, state, data)``
+    returning ``(logs, state)`` on JAX; both craft with the weights of the step.
     """
 
     def __init__(self, *args: Any, pgd: PGDConfig, seed: int = 0, **kwargs: Any):
@@ -157,13 +178,26 @@ class PGDTrainer(keras.Model):
     def wrap(cls, model: keras.Model, pgd: PGDConfig, seed: int = 0) -> PGDTrainer:
         return cls(model.inputs, model.outputs, pgd=pgd, seed=seed, name=model.name)
 
-    def train_step(self, data):
-        x, y = data[0], data[1]
+    def _seed(self, iterations: Any) -> Any:
         # (run seed, optimizer step): the random starts of a resumed run equal the original's.
-        seed = tf.stack([tf.constant(self.pgd_seed, tf.int64),
-                         tf.cast(self.optimizer.iterations, tf.int64)])
-        x_adv = linf_pgd(self, x, y, self.pgd, seed, rows=distribute.replica_rows(x))
-        return super().train_step((x_adv, y))
+        return ops.stack([ops.convert_to_tensor(self.pgd_seed, "int32"),
+                          ops.cast(iterations, "int32")])
+
+    if keras.backend.backend() == "jax":
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer_variables, _ = state
+            x, y = data[0], data[1]
+            i = next(k for k, v in enumerate(self.optimizer.variables)
+                     if v is self.optimizer.iterations)
+            x_adv = linf_pgd(self, x, y, self.pgd, self._seed(optimizer_variables[i]),
+                             state=(trainable, non_trainable))
+            return super().train_step(state, (x_adv, y))
+    else:
+        def train_step(self, data):
+            x, y = data[0], data[1]
+            x_adv = linf_pgd(self, x, y, self.pgd, self._seed(self.optimizer.iterations),
+                             rows=distribute.replica_rows(x))
+            return super().train_step((x_adv, y))
 
 
 class RobustEval(keras.callbacks.Callback):
@@ -178,7 +212,7 @@ class RobustEval(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._attack is None:
-            self._attack = pgd_function(self.model, self.cfg)
+            self._attack = robust_function(self.model, self.cfg)
         # The same random starts every epoch, so epochs are compared on the same attack.
         r = robust_evaluation(self.model, self.x, self.y, self.cfg, seed=self.seed,
                               batch_size=self.batch_size, attack=self._attack)
