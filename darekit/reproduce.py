@@ -93,7 +93,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     ),
     Profile(
         name="study",
-        doc="a verdict at CPU scale (issue 9; docs/results.md): AlexNet on real Fashion-MNIST, "
+        doc="a verdict at CPU scale (docs/results.md): AlexNet on real Fashion-MNIST, "
             "a 20,000-image class-balanced subset (10,000 x_train, 10,000 x_validation), 30 "
             "epochs, exact slicing of 50 images per class, all of x_validation mined but the "
             "1,000 held out for the learning-rate selection, every method tuned at 3 rates a "
@@ -409,8 +409,9 @@ def reproduce_all(studies: Sequence[Study], log: Callable[[str], Any] = print) -
         if len(studies) > 1:
             log(f"=== job {k}/{len(studies)}: {s.dataset} {s.model} seed {s.seed} -> {s.path}")
         if sweep.finished(s.path, sweep.identity(s)):
-            log(f"finished already, skipped (report: {s.path / layout.REPORT}; "
-                f"python dare/test.py --run-dir {s.path} evaluates it again)")
+            log(f"finished already, skipped (report: {s.path / layout.REPORT}; to evaluate "
+                f"it again with other options: python dare/test.py --run-dir {s.path} "
+                "--overwrite OPTIONS, which replaces this profile's evaluation and report)")
             continue
         try:
             reproduce(s, log)

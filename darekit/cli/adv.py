@@ -14,7 +14,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from darekit.cli import Parser, resolve_run, run, run_dir_option
+from darekit.cli import (
+    RERUN,
+    RESUME,
+    START_OVER,
+    Parser,
+    parse_args,
+    resolve_run,
+    run,
+    run_dir_option,
+)
 
 
 def _param(s: str) -> tuple[str, Any]:
@@ -50,7 +59,7 @@ def generate_parser(prog: str) -> Parser:
 
 
 def generate_main(argv: Sequence[str] | None = None, *, prog: str = "adv/generate_adv.py") -> int:
-    args = generate_parser(prog).parse_args(argv)
+    args = parse_args(lambda: generate_parser(prog), argv, prog)
 
     def body() -> None:
         from darekit.advsets import GenerateConfig, generate
@@ -61,7 +70,7 @@ def generate_main(argv: Sequence[str] | None = None, *, prog: str = "adv/generat
         for attack in cfg.attacks:
             print(f"{attack}: {generate(r, cfg, attack)}")
 
-    return run(body)
+    return run(body, RERUN)
 
 
 # ---------------------------------------------------------------------------- fintune_adv
@@ -87,7 +96,7 @@ def finetune_parser(prog: str) -> Parser:
 
 
 def finetune_main(argv: Sequence[str] | None = None, *, prog: str = "adv/fintune_adv.py") -> int:
-    args = finetune_parser(prog).parse_args(argv)
+    args = parse_args(lambda: finetune_parser(prog), argv, prog)
 
     def body() -> None:
         from darekit.adv_finetune import AdvFinetuneConfig, adv_finetune
@@ -114,7 +123,7 @@ def finetune_main(argv: Sequence[str] | None = None, *, prog: str = "adv/fintune
             print(f"adv-{attack}: validation {last['validation_accuracy']:.4f}, "
                   f"test {last['test_accuracy']:.4f} -> {r.model_path(f'adv-{attack}')}")
 
-    return run(body)
+    return run(body, START_OVER)
 
 
 # ---------------------------------------------------------------------------- adv_training
@@ -134,7 +143,7 @@ def adv_training_parser(prog: str) -> Parser:
 
 def adv_training_main(argv: Sequence[str] | None = None, *,
                       prog: str = "adv/adv_training.py") -> int:
-    args = adv_training_parser(prog).parse_args(argv)
+    args = parse_args(lambda: adv_training_parser(prog), argv, prog)
 
     def body() -> None:
         from darekit.adv_training import AdvTrainConfig, adv_train
@@ -142,4 +151,4 @@ def adv_training_main(argv: Sequence[str] | None = None, *,
         cfg = AdvTrainConfig.from_options(vars(args))
         print(f"run directory: {adv_train(cfg).path}")
 
-    return run(body)
+    return run(body, RESUME)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from darekit.cli import Parser, resolve_run, run, run_dir_option
+from darekit.cli import START_OVER, Parser, parse_args, resolve_run, run, run_dir_option
 
 
 # --------------------------------------------------------------------------- nnslicer.py
-def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") -> int:
+def nnslicer_parser(prog: str = "dare/nnslicer.py") -> Parser:
     from darekit.config import add_options
     from darekit.slicing import SliceConfig
 
@@ -22,12 +22,16 @@ def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") ->
                "aggregated |contribution|. Writes <run-dir>/slice/.")
     run_dir_option(p)
     add_options(p, SliceConfig)
-    args = p.parse_args(argv)
+    return p
+
+
+def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") -> int:
+    args = parse_args(lambda: nnslicer_parser(prog), argv, prog)
 
     def body() -> None:
         from darekit import layout
         from darekit.config import from_args
-        from darekit.slicing import run_slicing
+        from darekit.slicing import SliceConfig, run_slicing
 
         cfg = from_args(SliceConfig, args)
         r = resolve_run(args.run_dir)
@@ -38,11 +42,11 @@ def nnslicer_main(argv: Sequence[str] | None, prog: str = "dare/nnslicer.py") ->
               f"({result.images_per_second:.1f} images/s); summary "
               f"{r.file(layout.SLICE_SUMMARY)}")
 
-    return run(body)
+    return run(body, START_OVER)
 
 
 # --------------------------------------------------------------------------- get_ats.py
-def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> int:
+def get_ats_parser(prog: str = "dare/get_ats.py") -> Parser:
     from darekit.config import add_options
     from darekit.mining import MineConfig
 
@@ -51,14 +55,18 @@ def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> i
                "set, and collect regression data (activation traces). Writes <run-dir>/ats/.")
     run_dir_option(p)
     add_options(p, MineConfig)
-    args = p.parse_args(argv)
+    return p
+
+
+def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> int:
+    args = parse_args(lambda: get_ats_parser(prog), argv, prog)
 
     def body() -> None:
         import json
 
         from darekit import layout
         from darekit.config import from_args
-        from darekit.mining import run_mining
+        from darekit.mining import MineConfig, run_mining
 
         cfg = from_args(MineConfig, args)
         r = resolve_run(args.run_dir)
@@ -68,12 +76,12 @@ def get_ats_main(argv: Sequence[str] | None, prog: str = "dare/get_ats.py") -> i
                                              "model_queries_per_input")}))
         print(f"|S*| {s['s_star_size']}; statistics {r.file(layout.MINED_STATS)}")
 
-    return run(body)
+    return run(body, START_OVER)
 
 
 # --------------------------------------------------------------------------- dare*.py
-def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
-    """Entry point of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``."""
+def dare_parser(variant: str, prog: str) -> Parser:
+    """The parser of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``."""
     from darekit.config import add_options
     from darekit.dare import VARIANTS, DareConfig
 
@@ -83,12 +91,17 @@ def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
                "has no slice or mined data yet.")
     run_dir_option(p)
     add_options(p, DareConfig)
-    args = p.parse_args(argv)
+    return p
+
+
+def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
+    """Entry point of ``dare/dare.py``, ``dare/dare-s.py`` and ``dare/dare-sl.py``."""
+    args = parse_args(lambda: dare_parser(variant, prog), argv, prog)
 
     def body() -> None:
         from darekit import layout
         from darekit.config import from_args
-        from darekit.dare import run_dare
+        from darekit.dare import VARIANTS, DareConfig, run_dare
         from darekit.errors import DareError
         from darekit.mining import MineConfig, run_mining
         from darekit.slicing import SliceConfig, run_slicing
@@ -112,4 +125,4 @@ def dare_main(argv: Sequence[str] | None, variant: str, prog: str) -> int:
             raise DareError(f"{variant} at lr {res.summary['lr']:g}: {res.summary['why']}; "
                             "this run is not a result and nothing was saved")
 
-    return run(body)
+    return run(body, START_OVER)

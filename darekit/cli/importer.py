@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from darekit.cli import Parser, run
+from darekit.cli import START_OVER, Parser, parse_args, run
 
 
 def import_parser(prog: str) -> Parser:
@@ -32,7 +32,7 @@ def import_parser(prog: str) -> Parser:
 
 def import_main(argv: Sequence[str] | None, *, prog: str) -> int:
     """Entry point body of ``train/import_history.py``."""
-    args = import_parser(prog).parse_args(argv)
+    args = parse_args(lambda: import_parser(prog), argv, prog)
 
     def body() -> None:
         from darekit.config import from_args
@@ -42,4 +42,4 @@ def import_main(argv: Sequence[str] | None, *, prog: str) -> int:
         print(f"run directory: {r.path}")
         print(f"next: python dare/nnslicer.py --run-dir {r.path}")
 
-    return run(body)
+    return run(body, START_OVER)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from darekit.cli import Parser, int_list, positive_int, run
+from darekit.cli import RERUN, Parser, int_list, parse_args, positive_int, run
 
 
 def _names(s: str) -> tuple[str, ...]:
@@ -77,7 +77,7 @@ def parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser, argv, "reproduce.py")
 
     def body() -> int:
         from darekit import sweep
@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check(s, data=not args.list_jobs)
         # A job's command carries the options that change what it runs; each job resolves
         # its own run directory from them (and $DAREKIT_RUNS), as a user's command would.
-        options = [*(["--pgd-at"] if args.pgd_at else []),
+        options = [*(["--backend", args.backend] if args.backend else []),
+                   *(["--pgd-at"] if args.pgd_at else []),
                    *(["--attack", ",".join(attacks)] if args.attack else []),
                    *(["--run-dir", str(args.run_dir.resolve())] if args.run_dir else [])]
         sweep_jobs = [sweep.Job.of(s, options) for s in studies]
@@ -143,4 +144,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "skipped, the others resume)", file=sys.stderr)
             return 130
 
-    return run(body)
+    return run(body, RERUN)

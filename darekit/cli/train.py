@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from darekit.cli import Parser, run
+from darekit.cli import RESUME, Parser, parse_args, run
 
 
 def train_parser(prog: str, fixed_model: str | None = None) -> Parser:
@@ -24,7 +24,7 @@ def train_parser(prog: str, fixed_model: str | None = None) -> Parser:
 
 def train_main(argv: Sequence[str] | None, *, prog: str, model: str | None = None) -> int:
     """Entry point body of both training scripts."""
-    args = train_parser(prog, model).parse_args(argv)
+    args = parse_args(lambda: train_parser(prog, model), argv, prog)
 
     def body() -> None:
         from darekit.config import given
@@ -35,4 +35,4 @@ def train_main(argv: Sequence[str] | None, *, prog: str, model: str | None = Non
             options["model"] = model
         print(f"run directory: {train(TrainConfig.from_options(options)).path}")
 
-    return run(body)
+    return run(body, RESUME)
