@@ -1,4 +1,11 @@
-"""Every path the package uses comes from here, never from the current working directory."""
+"""Every path the package uses comes from here.
+
+From a source checkout (the folder holding ``darekit/``, ``reproduce.py``, ``train/``...), the
+default data and run folders are the checkout's ``data/`` and ``runs/``, whatever the working
+directory. From an installed package (``pip install .``: ``darekit`` under site-packages), they
+are ``data/`` and ``runs/`` under the current working directory, never inside site-packages.
+``$DAREKIT_DATA`` and ``$DAREKIT_RUNS`` override both.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,32 @@ from pathlib import Path
 from darekit import layout
 
 ROOT = Path(__file__).resolve().parents[1]
-"""The repository root (the folder holding ``darekit/``, ``train/``, ``dare/``...)."""
+"""The folder holding the ``darekit`` package: a checkout's root, or site-packages."""
+
+
+def is_checkout(root: Path | None = None) -> bool:
+    """Whether ``root`` (default ``ROOT``) is a source checkout (it holds the entry scripts),
+    not the site-packages of an installed darekit."""
+    root = ROOT if root is None else root
+    return (root / "reproduce.py").is_file() and (root / "darekit" / "__init__.py").is_file()
+
+
+def base_dir() -> Path:
+    """The default parent of ``data/`` and ``runs/``: the checkout, else the working
+    directory."""
+    return ROOT if is_checkout() else Path.cwd()
 
 
 def data_dir() -> Path:
-    """Where dataset files are looked up first: ``$DAREKIT_DATA`` or ``<repo>/data``."""
-    return Path(os.environ.get("DAREKIT_DATA", ROOT / "data")).expanduser()
+    """Where dataset files are looked up first: ``$DAREKIT_DATA``, else ``data/`` in the
+    checkout (installed: in the working directory)."""
+    return Path(os.environ.get("DAREKIT_DATA") or base_dir() / "data").expanduser()
 
 
 def runs_dir() -> Path:
-    """Default parent of run directories: ``$DAREKIT_RUNS`` or ``<repo>/runs``."""
-    return Path(os.environ.get("DAREKIT_RUNS", ROOT / "runs")).expanduser()
+    """Default parent of run directories: ``$DAREKIT_RUNS``, else ``runs/`` in the checkout
+    (installed: in the working directory)."""
+    return Path(os.environ.get("DAREKIT_RUNS") or base_dir() / "runs").expanduser()
 
 
 def default_run_dir(dataset: str, model: str, seed: int) -> Path:
