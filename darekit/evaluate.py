@@ -422,11 +422,11 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
     make = _engine_probe if engine == "tf" else _foolbox_probe
     probe = make(model, spec, params, x, y, batch_size, seed, jit_compile)
     if progress:
-        bar = tqdm(desc=spec.name, unit="round", leave=False)
+        bar = tqdm(desc=f"{spec.name} epsilon search", unit=" attack pass", leave=False)
         inner = probe
 
         def probe(idx, eps, r):  # noqa: F811 - the same probe, with a progress bar
-            bar.set_postfix_str(f"{len(idx)} open")
+            bar.set_postfix_str(f"{len(idx)} images not yet bracketed to tol")
             out = inner(idx, eps, r)
             bar.update(1)
             return out

@@ -358,11 +358,13 @@ def write_run_report(out_dir: Path, results: Mapping[str, Any],
                   *crosscheck_table(checks), ""]
     lines.append(definitions_markdown(results.get("definitions", {})))
     io.write_text(out_dir / "report.md", "\n".join(lines))
+    n_images = next((int(r["n"]) for r in rows if r.get("n")), None)  # the plots' captions
     plots.save(plots.robust_accuracy_curves(_curves(parts, rows),
-                                            f"{title}: robust accuracy vs epsilon"),
+                                            f"{title}: robust accuracy vs epsilon", n=n_images),
                out_dir / "robust_accuracy.png")
     methods, attacks, v, lo, hi = _er_matrix(rows)
-    plots.save(plots.er_bars(attacks, methods, v, lo, hi, title), out_dir / "er.png")
+    plots.save(plots.er_bars(attacks, methods, v, lo, hi, title, n=n_images),
+               out_dir / "er.png")
     return out_dir / "report.md"
 
 
@@ -411,8 +413,9 @@ def combined_report(evals: Sequence[Evaluated], out_dir: Path | None = None) -> 
         io.write_csv(out_dir / "results.csv", table_rows)
         means = [r for r in table_rows if r["seed"] == "mean"]
         methods, attacks, v, lo, hi = _er_matrix(means, "er", "er_low", "er_high")
-        plots.save(plots.er_bars(attacks, methods, v, lo, hi,
-                                 "ER, mean ± std across seeds"), out_dir / "er.png")
+        plots.save(plots.er_bars(attacks, methods, v, lo, hi, "ER, mean ± std across seeds",
+                                 note="Error bars: mean ± one standard deviation of ER across "
+                                 "seeds (not a 95% interval)."), out_dir / "er.png")
     defs = next((e.results.get("definitions") for e in evals), {}) or {}
     lines.append(definitions_markdown(defs))
     return "\n".join(lines)
