@@ -25,6 +25,8 @@ from darekit.slicing import (
     RULES,
     Graph,
     SliceConfig,
+    _extract,
+    _scatter,
     approx_contributions,
     contributions,
     cover_mask,
@@ -184,6 +186,28 @@ def test_conv_rule_matches_the_per_neuron_algorithm(stride):
         assert np.abs(want).sum() > 0
 
 
+@pytest.mark.parametrize("kernel, strides, padding, dilation", [
+    (3, 1, "same", 1), (3, 2, "same", 1), ((3, 2), (2, 1), "valid", 1), (2, 2, "same", 1),
+    (3, 1, "same", 2), ((2, 3), 1, "valid", (2, 1)), (4, 3, "same", 1)])
+def test_receptive_fields_are_the_convolution_and_scatter_is_their_adjoint(kernel, strides,
+                                                                         padding, dilation):
+    """``_extract`` (NumPy, backend-free) reproduces Keras' convolution on every geometry the
+    conv rule meets, and ``_scatter`` is its adjoint: <extract(x), g> = <x, scatter(g)>."""
+    layer = keras.layers.Conv2D(3, kernel, strides=strides, padding=padding,
+                                dilation_rate=dilation, use_bias=False)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 7, 6, 2)).astype("float32")
+    want = np.asarray(layer(x))
+    patches = _extract(x, layer)
+    assert patches.shape[:3] == want.shape[:3]
+    got = patches @ np.asarray(layer.kernel).reshape(patches.shape[-1], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = rng.integers(-3, 4, size=patches.shape).astype("float32")
+    back = _scatter(g, layer, x.shape)
+    assert back.shape == x.shape
+    np.testing.assert_allclose((patches * g).sum(), (x * back).sum(), rtol=1e-5)
+
+
 def test_maxpool_copies_to_every_tied_maximum_and_flatten_keeps_mass():
     x_in = keras.Input((4, 4, 1), name="image")
     x = keras.layers.ReLU(name="r")(x_in)
@@ -204,6 +228,67 @@ def test_maxpool_copies_to_every_tied_maximum_and_flatten_keeps_mass():
     (flat,) = RULES[keras.layers.Flatten](model.get_layer("flat"), [c_out], [0.0], None,
                                           c_out.reshape(1, -1), SliceConfig())
     assert np.abs(flat).sum() == np.abs(c_out).sum()
+
+
+def _fixed_cnn() -> keras.Model:
+    """8x8x1 -> conv1 (relu) -> pool -> conv2 (relu) -> fc (relu) -> logits, weights drawn
+    with NumPy (the same on every backend); the logits' bias balances the three classes."""
+    x_in = keras.Input((8, 8, 1), name="image")
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv1")(x_in)
+    h = keras.layers.MaxPooling2D(2, name="pool")(h)
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv2")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(6, activation="relu", name="fc")(h)
+    model = keras.Model(x_in, keras.layers.Dense(3, name="logits")(h))
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(scale=0.5, size=w.shape).astype("float32")
+                       for w in model.get_weights()])
+    model.get_layer("logits").set_weights([model.get_layer("logits").get_weights()[0],
+                                           np.array([10.6, 0, 0], np.float32)])
+    return model
+
+
+# What both modes gave on TensorFlow (exact: integer sums, so equality; approx: float32).
+FIXED_EXACT = {
+    "conv1": [[153, 71, 64, 89], [221, 50, 66, 68], [148, 88, 74, 83]],
+    "conv2": [[39, 27, 7, 20], [45, 37, 17, 45], [44, 24, 14, 36]],
+    "fc": [[1, 4, 0, 0, 0, 8], [6, 2, 0, 0, 4, 7], [8, 0, 0, 0, 1, 1]],
+}
+FIXED_APPROX = {
+    "conv1": [[25.156706, 21.720207, 26.253963, 31.870235],
+              [21.743967, 16.815662, 22.323706, 23.963781],
+              [20.32482, 20.533478, 26.406223, 33.88047]],
+    "conv2": [[20.020601, 17.529171, 6.5635076, 13.293596],
+              [16.790676, 13.821599, 5.64137, 13.420866],
+              [24.99931, 15.336146, 8.325907, 19.653381]],
+    "fc": [[0.1902104, 1.114494, 0, 0, 0, 3.5501661],
+           [3.3961468, 0.816904, 0, 0, 2.4418435, 4.994183],
+           [5.1820006, 0.1250359, 0, 0.1843641, 0.2185457, 0.1635626]],
+}
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_fixed_model_slices_alike_on_every_backend(mode):
+    """The same scores and masks on TensorFlow and JAX (the constants above): weights and
+    images come from NumPy; batches of 3 leave ragged last batches (padded on JAX). No cumulative
+    share lies within 0.02 of per = 0.85, so float noise cannot move a mask."""
+    model = _fixed_cnn()
+    x = np.random.default_rng(1).uniform(-1, 1, size=(40, 8, 8, 1)).astype("float32")
+    y = np.argmax(model.predict(x, verbose=0), -1)
+    assert np.bincount(y).tolist() == [17, 14, 9]
+    cfg = SliceConfig(mode=mode, max_per_class=8, batch_size=3, per=0.85)
+    res = slice_model(model, x, y, ("conv1", "conv2", "fc"), cfg)
+    assert res.images.tolist() == [8, 8, 8]
+    want = FIXED_EXACT if mode == "exact" else FIXED_APPROX
+    for name, w in want.items():
+        w = np.asarray(w, np.float64)
+        if mode == "exact":
+            np.testing.assert_array_equal(res.scores[name], w)
+        else:
+            np.testing.assert_allclose(res.scores[name], w, rtol=2e-5, atol=1e-6)
+        np.testing.assert_array_equal(res.masks()[name], cover_mask(w, 0.85))
+    masks = res.masks()
+    assert masks["conv2"].tolist() == [[True, True, False, True]] * 3
 
 
 def test_cover_mask_definition_and_edge_cases():
