@@ -136,6 +136,22 @@ def test_backend_flag_selects_jax_before_keras_loads(tmp_path):
     assert len(proc.stderr.splitlines()) == 1 and "no run at" in proc.stderr
 
 
+def test_deterministic_sets_the_xla_flag_before_keras_loads(tmp_path):
+    code = ("import argparse, os, sys\n"
+            "from darekit.cli import parse_args\n"
+            "def build():\n"
+            "    p = argparse.ArgumentParser()\n"
+            "    p.add_argument('--deterministic', action=argparse.BooleanOptionalAction)\n"
+            "    return p\n"
+            "args = parse_args(build, sys.argv[1:], 'x.py')\n"
+            "print(args.deterministic, os.environ.get('XLA_FLAGS'))\n")
+    for flag, expect in (("--deterministic", "True --xla_gpu_deterministic_ops=true"),
+                         ("--no-deterministic", "False None")):
+        proc = subprocess.run([PY, "-c", code, flag], capture_output=True, text=True, cwd=ROOT,
+                              env=_env(DAREKIT_CACHE=str(tmp_path)), timeout=300)
+        assert proc.stdout.strip() == expect, proc.stderr
+
+
 def test_backend_flag_cannot_switch_a_loaded_keras():
     import keras
 

@@ -72,14 +72,19 @@ def add_backend_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backend", choices=list(BACKENDS), default=None, help=BACKEND_HELP)
 
 
-def _backend_of(argv: Sequence[str], prog: str) -> str | None:
-    """The ``--backend`` of ``argv`` (None when not given), read without the full parser."""
+def _early(argv: Sequence[str], prog: str) -> argparse.Namespace:
+    """What must be known before Keras is imported, read without the full parser:
+    ``backend`` (None when not given) and ``deterministic`` (JAX's GPU determinism is an
+    ``XLA_FLAGS`` flag that must be set before JAX starts)."""
     from darekit.backend import BACKENDS
 
-    p = Parser(prog=prog, add_help=False)
+    # No abbreviations here: "--ba" may be another option's prefix (--batch-size) for the full
+    # parser; an abbreviated --backend is checked after the full parse instead.
+    p = Parser(prog=prog, add_help=False, allow_abbrev=False)
     p.add_argument("--backend", choices=list(BACKENDS), default=None)
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False)
     known, _ = p.parse_known_args(argv)
-    return known.backend
+    return known
 
 
 def parse_args(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None,
@@ -87,25 +92,38 @@ def parse_args(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str]
     """Parse ``argv`` (``sys.argv[1:]`` when None) with the parser ``build()`` makes, after
     choosing the backend; ``--help`` and bad options exit before any backend is imported when
     the stored description of ``prog``'s parser is current (see the module docstring)."""
-    from darekit import backend
     from darekit.cli import spec
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _backend_of(argv, prog)
+    early = _early(argv, prog)
     stored = spec.load(prog)
     if stored is not None:
         spec.parser(stored).parse_args(argv)   # exits on --help and on bad options
-    try:
-        backend.select(name)
-    except DareError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _select(early.backend, prog)
+    if early.deterministic and "keras" not in sys.modules:
+        from darekit import backend
+
+        backend.deterministic_env()
     import_backend()
     if stored is None:
         spec.remember()
     p = build()
     add_backend_option(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.backend is not None:
+        _select(args.backend, prog)  # an abbreviated --backend: Keras is loaded already
+    return args
+
+
+def _select(name: str | None, prog: str) -> None:
+    """``darekit.backend.select(name)``; its ``DareError`` as one line and exit code 2."""
+    from darekit import backend
+
+    try:
+        backend.select(name)
+    except DareError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # Start-up lines of TensorFlow and XLA on stderr that say nothing to a user: absl's notice
