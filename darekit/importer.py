@@ -594,16 +594,17 @@ def import_history(cfg: ImportConfig, log: Callable[[str], Any] = print) -> Run:
             f"{len(split.validation_idx)} x_validation)")
     else:
         split = make_split(dataset.y_train, cfg.seed)
+    # The split is passed (made or read): import_model's own no-split warning would repeat the
+    # one below. import_model prints its warnings; an error there stays the only line.
+    imported = import_model(source, dataset, layers=cfg.layers or None,
+                            check_images=cfg.check_images, seed=cfg.seed, split=split)
+    del given
+    if not cfg.split:
         _warn(f"no --split: created a seeded stratified 50/50 split of the {dataset.name} "
               f"training set (seed {cfg.seed}). The model may have been trained on images "
               "that are now in x_validation, which DARE mines and fine-tunes on; pass --split "
               "with the indices the model was trained on (train_idx) and held out "
               "(validation_idx)")
-    # The split is passed (made or read): import_model's own no-split warning would repeat the
-    # one above. import_model prints its warnings.
-    imported = import_model(source, dataset, layers=cfg.layers or None,
-                            check_images=cfg.check_images, seed=cfg.seed, split=split)
-    del given
     for note in imported.notes:
         log(note)
     if final_differs:
