@@ -234,7 +234,9 @@ def _select_dare(s: Study, variant: str) -> None:
         return res.model, res.status, res.summary
 
     lr, _ = select(run, variant, base.lr, candidate, s.profile.select)
-    chosen = results[lr] if lr is not None else next(iter(results.values()))
+    # No candidate is a result: save the status the selection recorded (diverged wins).
+    chosen = results[lr] if lr is not None else next(
+        (r for r in results.values() if r.status == "diverged"), next(iter(results.values())))
     save_result(run, dataclasses.replace(base, lr=chosen.summary["lr"]), chosen)
 
 
