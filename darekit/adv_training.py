@@ -90,7 +90,7 @@ def _start(x0: Any, eps: float, seed: Any, rows: tuple[Any, Any] | None) -> Any:
     if rows is None:
         return linf.random_start(x0, eps, seed)
     offset, total = rows
-    n = ops.shape(x0)[0]
+    n = ops.cast(ops.shape(x0)[0], offset.dtype)
     u = B.stateless_uniform((total, *ops.shape(x0)[1:]), seed)[offset:offset + n]
     return ops.clip(x0 + (u * (eps + eps) - eps), 0.0, 1.0)
 

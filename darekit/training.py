@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from darekit import backend as B
 from darekit import distribute, io, layout, rundir
 from darekit.config import by_architecture, option
 from darekit.data import DATASETS, Split, balanced_subset, dataset_spec, load_dataset, make_split
@@ -229,8 +230,9 @@ class TrainBatches:
     resumed run sees exactly the batches the uninterrupted run would have seen, on either
     backend. Every image is used once per epoch; the last batch of an epoch holds the
     remainder (``n % batch_size`` images; on JAX one more compile). Iterating prepares
-    batches ahead on ``workers`` threads (NumPy's indexing runs outside the GIL), in order.
-    The batches are global batches (a strategy splits each between its replicas).
+    batches ahead on ``workers`` threads (NumPy's indexing runs outside the GIL), in order;
+    each ``iter`` starts afresh from ``initial_epoch`` (``B.fit_input`` relies on it). The
+    batches are global batches (a strategy splits each between its replicas).
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
@@ -486,7 +488,8 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
         if cfg.tensorboard:
             log_dir = str(run.file(layout.tensorboard("train")))
             extra.append(keras.callbacks.TensorBoard(log_dir=log_dir))
-        model.fit(iter(batches), epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps,
+        model.fit(B.fit_input(batches, len(batches)), epochs=cfg.epochs, initial_epoch=start,
+                  steps_per_epoch=steps,
                   validation_data=(x_hold, y_hold),
                   validation_batch_size=max(256, cfg.batch_size),
                   callbacks=[*extra, EpochHistory(run, cfg, rows)], verbose=cfg.verbose,

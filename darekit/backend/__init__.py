@@ -241,6 +241,14 @@ def replica_rows(x: Any) -> tuple[Any, Any] | None:
     return _impl().replica_rows(x)
 
 
+def fit_input(batches: Any, count: int) -> Any:
+    """What ``model.fit`` takes for ``batches``, an iterable of ``count`` host batches (tuples
+    of NumPy arrays) that starts afresh at each ``iter``: a finite ``tf.data.Dataset`` on
+    TensorFlow (under ``MirroredStrategy`` tf.data calls its generator more than once, which
+    breaks Keras' adapter of a Python iterator), an iterator on JAX."""
+    return _impl().fit_input(batches, count)
+
+
 # ---------------------------------------------------------------------------- records
 def versions() -> dict[str, str]:
     """``{"backend": name, <backend package>: version, ...}``: what a run records."""

@@ -126,3 +126,8 @@ def model_scope(model):
 
 def replica_rows(x):
     return None  # SPMD: a step sees the global batch, its random draws are global
+
+
+def fit_input(batches, count):
+    del count  # fit is given steps_per_epoch
+    return iter(batches)  # Keras' generator adapter: NumPy batches, moved to the device(s)
