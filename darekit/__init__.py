@@ -13,7 +13,11 @@ import os as _os
 # TensorFlow's C++ INFO and WARNING lines (oneDNN, CUDA notices) and its Python-side warnings
 # (retracing notices when each historical model of a run gets its own compiled function, which
 # is expected) stay off stderr, so that a bad option's one-line error stays one line.
-# ``DAREKIT_TF_LOGS=1`` keeps them.
+# TF_CPP_MIN_LOG_LEVEL works only if set before TensorFlow loads (here: before any darekit
+# module imports Keras); GLOG_minloglevel, ABSL_MIN_LOG_LEVEL and TF_ENABLE_ONEDNN_OPTS do not
+# silence the absl and cpu_feature_guard lines (measured on TF 2.21, AMD EPYC). For CPUs that
+# print them anyway, the scripts also import the backend with those lines filtered out of file
+# descriptor 2 (``darekit.cli.quiet_stderr``). ``DAREKIT_TF_LOGS=1`` keeps them all.
 if _os.environ.get("DAREKIT_TF_LOGS") != "1":
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _logging.getLogger("tensorflow").setLevel(_logging.ERROR)
