@@ -50,9 +50,10 @@ _STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _caption(fig: Figure, text: str | None) -> None:
+def _caption(fig: Figure, text: str | None, y: float = -0.02) -> None:
+    """``text`` under the figure (``y`` in figure coordinates, below the x labels)."""
     if text:
-        fig.text(0.5, -0.02, text, ha="center", va="top", fontsize=7, wrap=True)
+        fig.text(0.5, y, text, ha="center", va="top", fontsize=7, wrap=True)
 
 
 def robust_accuracy_curves(panels: Sequence[Panel], title: str, n: int | None = None,
@@ -77,13 +78,12 @@ def robust_accuracy_curves(panels: Sequence[Panel], title: str, n: int | None = 
         ax.set(title=panel.attack, xlabel=f"epsilon ({panel.norm})", ylim=(0, 1))
     axes[0][0].set_ylabel("robust accuracy")
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="upper center",
-                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=7,
-                   frameon=False)
+        fig.legend(list(handles.values()), list(handles), loc="center left",
+                   bbox_to_anchor=(0.91, 0.5), fontsize=7, frameon=False)
     fig.suptitle(title, y=1.04)
     over = f" over N = {n} test images per method" if n else ""
     _caption(fig, note or f"Bands: 95% Wilson intervals of robust accuracy{over}; dashed "
-             "vertical line: the attack's budget.")
+             "vertical line: the attack's budget.", y=-0.06)
     return fig
 
 
