@@ -119,7 +119,7 @@ def finished(path: Path, identity: Mapping[str, Any]) -> bool:
         return False
     try:
         meta = io.read_json(meta_path)
-    except (OSError, ValueError):  # half-written by hand or truncated: not finished
+    except (OSError, ValueError, io.CorruptFileError):  # truncated, damaged: not finished
         return False
     return meta.get("finished") is True and all(
         io.jsonable(meta.get(k)) == io.jsonable(v) for k, v in identity.items())
