@@ -185,6 +185,7 @@ def mined_run(fm_run, tmp_path_factory):
     return Run.open(run_dir)
 
 
+@pytest.mark.jax  # mining end to end (the script) on real data: CI runs it on JAX too
 def test_get_ats_outputs(mined_run):
     m = load_mined(mined_run)
     stats = io.read_json(mined_run.file(layout.MINED_STATS))

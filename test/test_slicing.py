@@ -356,6 +356,7 @@ def test_slice_grows_with_per(fm_slice):
 
 
 @pytest.mark.slow
+@pytest.mark.jax  # slicing, both modes, on real data: CI runs it on JAX too
 def test_exact_and_approx_slices_agree_roughly(fm_run, fm_slice):
     from darekit.slicing import mask_jaccard
     run = Run.open(fm_run)
