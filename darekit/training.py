@@ -395,9 +395,11 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Run, TrainConfig, int]:
         if has_config:
             raise DareError(f"{run.path} already holds a run ({done} epochs trained); "
                             "pass --resume to continue it or choose another --run-dir")
+        io.check_writable(run.path)  # one line now, not a traceback at the first save
         return run, cfg, 0
     if not has_config:
         raise DareError(f"nothing to resume at {run.path} (no {layout.CONFIG})")
+    io.check_writable(run.path)
     io.remove_stale_tmp(run.path)
     return run, cfg, done
 

@@ -416,3 +416,14 @@ def test_seeds_are_derived_by_one_helper_with_the_old_values():
     users = [p.name for p in (ROOT / "darekit").rglob("*.py") if "SeedSequence(" in
              p.read_text()]
     assert users == ["seeding.py"]
+
+
+def test_training_into_a_place_it_cannot_write_fails_in_one_line_first(tmp_path, monkeypatch):
+    from darekit import training
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(training, "load_dataset", lambda *a, **k: pytest.fail("work began"))
+    cfg = training.TrainConfig.resolve("smallcnn", "fashion_mnist", epochs=1, subset=200,
+                                       run_dir=str(tmp_path / "file" / "run"), verbose=0)
+    with pytest.raises(DareError, match="cannot write into the run directory"):
+        training.train(cfg)
