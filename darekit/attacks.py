@@ -349,9 +349,11 @@ def _attack_batches(model: keras.Model, x: np.ndarray, y: np.ndarray, spec: Atta
     attack = spec.build(**params)
     fmodel = foolbox_model(model, jit_compile)
     # On JAX every new batch shape compiles the model (and Foolbox's steps) again: the batches
-    # are padded to a few sizes with copies of their first row, whose results are dropped. The
-    # inputs of these attacks run independently, so padding changes no other input's result
-    # (except which random start each draws). TensorFlow's batches are left as they were.
+    # are padded to a few sizes with copies of their first row, whose results are dropped.
+    # FGSM, BIM and DeepFool treat inputs independently, so padding changes no input's result;
+    # PGD's random starts are drawn for the padded batch, and C&W's early abort watches the
+    # batch's summed loss, so there a result depends on the padding as it already depends on
+    # the batch size. TensorFlow's batches are left as they were (its results unchanged).
     pad = B.name() == "jax"
     bar = tqdm(total=len(x), desc=spec.name, unit="img", disable=not progress, leave=False)
     try:

@@ -71,7 +71,6 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from darekit import backend as B
-from darekit import linf
 from darekit.attacks import predict_logits
 from darekit.config import option
 from darekit.errors import DareError
@@ -382,32 +381,24 @@ def transfer_set(source: keras.Model, x: np.ndarray, y: np.ndarray,
 
 def pgd_robust(model: keras.Model, x: np.ndarray, y: np.ndarray, pgd: PGDConfig, *,
                batch_size: int = 256, seed: int = 0) -> np.ndarray:
-    """Per-example flags ``(N,)`` of the package's own PGD (``darekit.linf``: ``pgd.steps``
-    signed-gradient steps of ``pgd.step_size`` from a uniform random start drawn from ``(seed,
-    batch index)``): the adversarial is still classified as ``y``. Same batches and random
-    starts as ``adv_training.robust_evaluation`` (its ``robust_accuracy`` is the mean of these
-    flags), for ``cross_check(own_robust=...)``. ``pgd``: a ``PGDConfig`` (or anything with its
-    ``eps``, ``steps``, ``step_size`` and ``random_start``)."""
-    eps, step_size, steps = float(pgd.eps), float(pgd.step_size), int(pgd.steps)
+    """Per-example flags ``(N,)`` of the package's own PGD (``adv_training.robust_function``:
+    ``darekit.linf`` from a random start drawn from ``(seed, batch index)``): the adversarial
+    is still classified as ``y``. Same function, batches, padding and random starts as
+    ``adv_training.robust_evaluation`` (its ``robust_accuracy`` is the mean of these flags),
+    for ``cross_check(own_robust=...)``."""
+    from darekit.adv_training import robust_function
 
-    def attack(call, x0, yb, key):
-        start = linf.random_start(x0, eps, key) if pgd.random_start else None
-        xa = linf.pgd(call, x0, yb, eps, step_size, steps, start=start)
-        return ops.cast(ops.argmax(call(xa), axis=-1), "int32")
-
-    # Not XLA on TensorFlow: its stateless RNG draws other numbers under XLA.
-    f = B.model_function(model, attack, jit_compile=False)
+    attack = robust_function(model, pgd)
     x = np.asarray(x, np.float32)
-    y = np.asarray(y).astype(np.int32)
-    pad = B.needs_buckets(False)
+    y = np.asarray(y).astype(np.int32 if B.name() == "jax" else np.int64)
+    pad = B.needs_buckets(B.xla_allowed(True))   # as robust_evaluation pads
     flags = []
     for b, i in enumerate(range(0, len(x), batch_size)):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        # Padding (JAX) draws the start for the padded batch; rows stay independent.
-        m = B.bucket(len(xb), batch_size) if pad else len(xb)
-        pred = f(ops.convert_to_tensor(B.pad_rows(xb, m)), ops.convert_to_tensor(
-            B.pad_rows(yb, m)), B.seed_array(seed, b))
-        flags.append(B.to_numpy(pred)[:len(xb)] == yb)
+        n = len(xb)
+        m = B.bucket(n, batch_size) if pad else n
+        _, adv, _ = attack(B.pad_rows(xb, m), B.pad_rows(yb, m), B.seed_array(seed, b))
+        flags.append(B.to_numpy(adv)[:n] == yb)
     return np.concatenate(flags) if flags else np.zeros(0, bool)
 
 
