@@ -229,7 +229,8 @@ class TrainBatches:
     Batch ``s`` of epoch ``e`` is a pure function of ``(seed, e, s)`` (``epoch_draws``): a
     resumed run sees exactly the batches the uninterrupted run would have seen, on either
     backend. Every image is used once per epoch; the last batch of an epoch holds the
-    remainder (``n % batch_size`` images; on JAX one more compile). Iterating prepares
+    remainder (``n % batch_size`` images; on JAX one more compile), cut to a multiple of
+    ``multiple`` (the devices of JAX's ``DataParallel``, which shards evenly). Iterating prepares
     batches ahead on ``workers`` threads (NumPy's indexing runs outside the GIL), in order;
     each ``iter`` starts afresh from ``initial_epoch`` (``B.fit_input`` relies on it). The
     batches are global batches (a strategy splits each between its replicas).
@@ -237,13 +238,16 @@ class TrainBatches:
 
     def __init__(self, x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
                  augment: str, epochs: int, initial_epoch: int = 0,
-                 workers: int | None = None):
+                 workers: int | None = None, multiple: int = 1):
         if augment not in AUGMENTATIONS:
             raise DareError(f"augment must be one of {list(AUGMENTATIONS)}; received {augment!r}")
         self.x, self.y = x, y
         self.seed, self.batch_size, self.augment = int(seed), int(batch_size), augment
         self.epochs, self.initial_epoch = int(epochs), int(initial_epoch)
-        self.steps = math.ceil(len(x) / self.batch_size)
+        # JAX shards a batch evenly over DataParallel's devices: the last batch is cut to a
+        # multiple of ``multiple`` (at most multiple - 1 images an epoch, other ones each epoch).
+        self.n = len(x) - (len(x) % self.batch_size) % max(1, int(multiple))
+        self.steps = math.ceil(self.n / self.batch_size)
         self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
         self._draws: dict[int, tuple[np.ndarray, ...]] = {}
         self._lock = threading.Lock()
@@ -258,7 +262,7 @@ class TrainBatches:
     def batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``step`` (0-based) of the 0-based ``epoch``: ``(x, y)``."""
         order, dy, dx, flip = self._epoch(epoch)
-        i = order[step * self.batch_size:(step + 1) * self.batch_size]
+        i = order[step * self.batch_size:min((step + 1) * self.batch_size, self.n)]
         xb = self.x[i]
         if self.augment != "none":
             xb = crop_flip(xb, dy[i], dx[i], flip[i] if self.augment == "crop-flip" else None)
@@ -286,12 +290,12 @@ class TrainBatches:
                     f.cancel()
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, initial_epoch: int
-                  ) -> tuple[TrainBatches, int]:
+def train_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, initial_epoch: int,
+                  multiple: int = 1) -> tuple[TrainBatches, int]:
     """``cfg``'s batches for epochs ``initial_epoch..epochs-1`` (``TrainBatches``) and the
     number of steps per epoch."""
     batches = TrainBatches(x, y, seed=cfg.seed, batch_size=cfg.batch_size, augment=cfg.augment,
-                           epochs=cfg.epochs, initial_epoch=initial_epoch)
+                           epochs=cfg.epochs, initial_epoch=initial_epoch, multiple=multiple)
     return batches, batches.steps
 
 
@@ -428,6 +432,10 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     dist.check_batch(cfg.batch_size)
     set_seed(cfg.seed, cfg.deterministic)
     jit = dist.jit_compile(cfg.jit_compile)
+    # JAX's DataParallel shards every batch evenly over its devices (TF's MirroredStrategy
+    # splits uneven batches): the held-out set and each epoch's last batch are cut to a
+    # multiple of the replicas (recorded as ``even_batches``).
+    even = dist.replicas if B.name() == "jax" and dist.replicas > 1 else 1
     if cfg.verbose:
         print(dist.summary(cfg.batch_size))
         if cfg.jit_compile and not jit:
@@ -449,7 +457,8 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
                  "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                  "n_train": len(split.train_idx), "n_validation": len(split.validation_idx),
                  "distribution": {**dist.describe(cfg.batch_size), "jit_compile": jit,
-                                  "sync_batch_norm": dist.replicas > 1}}
+                                  "sync_batch_norm": dist.replicas > 1,
+                                  **({"even_batches": even} if even > 1 else {})}}
     run.write_config(layout.CONFIG, "train", train_cfg)  # on resume: records new --epochs
     mark_latest(run.path)
 
@@ -458,9 +467,12 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     if cfg.test_subset is not None and cfg.holdout == "test":
         keep = balanced_subset(y_hold, min(cfg.test_subset, len(y_hold)), cfg.seed)
         x_hold, y_hold = x_hold[keep], y_hold[keep]
+    if even > 1:
+        x_hold, y_hold = x_hold[:len(x_hold) - len(x_hold) % even], \
+            y_hold[:len(y_hold) - len(y_hold) % even]
 
     # NumPy batches on the host, on either backend; Keras moves each to the device(s).
-    batches, steps = train_dataset(data.x_train, data.y_train, cfg, start)
+    batches, steps = train_dataset(data.x_train, data.y_train, cfg, start, multiple=even)
     # Built, compiled and fitted under the strategy and dtype policy of --devices/--precision.
     with dist.scope():
         model = arch.build(dataset.input_shape, dataset.num_classes,

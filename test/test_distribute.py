@@ -159,6 +159,8 @@ test_distribute._child_main(__import__("pathlib").Path({out!r}))
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory) -> Path:
+    if B.name() != "tensorflow":
+        pytest.skip("the MirroredStrategy child sets TensorFlow's logical devices")
     """Run ``_child_main`` once (about a minute on 2 CPU cores); return its output folder."""
     out = tmp_path_factory.mktemp("distribute")
     code = CHILD.format(root=str(ROOT), test=str(Path(__file__).parent), out=str(out))
@@ -191,6 +193,7 @@ def _assert_same_training(two: Path, one: Path, tiny: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_two_devices_train_like_one(child, tiny):
     _assert_same_training(child / "plain-two", child / "plain-one", tiny)
     dist = Run(child / "plain-two").config["train"]["distribution"]
@@ -212,6 +215,7 @@ def test_two_devices_train_like_one(child, tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_two_devices_pgd_train_like_one(child, tiny):
     """PGD adversarial training (crafted inside the distributed step, SGD + momentum): each
     replica draws its rows of the global batch's random start, so the attack is the same."""
@@ -221,6 +225,7 @@ def test_two_devices_pgd_train_like_one(child, tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_resumed_two_device_run_continues_exactly(child, tiny):
     """1 epoch, then --resume to 2 (optimizer state, PGD seeds from the step counter, same
     batches) equals 2 epochs straight, bit for bit (deterministic ops, same devices)."""
@@ -234,6 +239,7 @@ def test_resumed_two_device_run_continues_exactly(child, tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_optimizer_slots_built_in_scope_change_nothing(child, tiny):
     """keras-team/keras#23085 (stateful optimizers in custom train steps under a strategy):
     in this Keras (3.15.1), with SGD + Nesterov momentum, our PGD step also works when Keras
@@ -247,6 +253,7 @@ def test_optimizer_slots_built_in_scope_change_nothing(child, tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_one_named_device_other_than_the_default_is_placed(child):
     info = json.loads((child / "child.json").read_text())
     assert info["placed"].endswith("CPU:1"), info
@@ -254,6 +261,7 @@ def test_one_named_device_other_than_the_default_is_placed(child):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 def test_dare_tuning_on_two_devices_like_one(child):
     tuned = np.load(child / "tuned.npz")
     for variant in ("dare-s", "dare-sl"):
@@ -261,6 +269,65 @@ def test_dare_tuning_on_two_devices_like_one(child):
         assert n > 0
         _assert_close_weights([tuned[f"{variant}/two/{i}"] for i in range(n)],
                               [tuned[f"{variant}/one/{i}"] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------- JAX: DataParallel
+def _jax_child_main(out: Path) -> None:
+    """Under JAX with two host devices: plain and PGD training on ``CPU:0`` and data-parallel
+    on ``CPU:0,CPU:1`` (``keras.distribution.DataParallel``), and one ``mixed_bfloat16`` run."""
+    from darekit.adv_training import AdvTrainConfig, adv_train
+
+    _register_tiny()
+    assert distribute.visible_devices() == ["CPU:0", "CPU:1"], distribute.visible_devices()
+    # 51 held-out images: DataParallel shards evenly, so the run keeps 50 (even_batches).
+    common = {**COMMON, "test_subset": 51}
+    for devices, tag in (("CPU:0", "one"), (TWO, "two")):
+        train(TrainConfig.resolve(TINY, "fashion_mnist", devices=devices,
+                                  run_dir=str(out / f"plain-{tag}"), **common))
+        adv_train(AdvTrainConfig.resolve(TINY, "fashion_mnist", devices=devices,
+                                         steps=PGD_STEPS, run_dir=str(out / f"pgd-{tag}"),
+                                         **common))
+    train(TrainConfig.resolve(TINY, "fashion_mnist", precision="mixed_bfloat16",
+                              run_dir=str(out / "bf16"), **common))
+
+
+JAX_CHILD = """
+import sys
+sys.path[:0] = [{root!r}, {test!r}]
+import test_distribute
+test_distribute._jax_child_main(__import__("pathlib").Path({out!r}))
+"""
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_trains_like_one_device(tmp_path, tiny):
+    """JAX: ``--devices CPU:0,CPU:1`` (two host devices, ``XLA_FLAGS``) trains with
+    ``DataParallel`` what one device trains, within the tolerance, plain and PGD; batch norm
+    needs no synchronising (one SPMD program); ``mixed_bfloat16`` runs and saves float32."""
+    pytest.importorskip("jax")
+    code = JAX_CHILD.format(root=str(ROOT), test=str(Path(__file__).parent), out=str(tmp_path))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for kind in ("plain", "pgd"):
+        two, one = tmp_path / f"{kind}-two", tmp_path / f"{kind}-one"
+        r2, r1 = _log(two)[0], _log(one)[0]
+        assert float(r2["loss"]) == pytest.approx(float(r1["loss"]), rel=LOSS_RTOL), kind
+        # held out: 51 images on one device, 50 on two (counts of correct ones are integers)
+        for row, n in ((r1, 51), (r2, 50)):
+            correct = float(row["val_accuracy"]) * n
+            assert correct == pytest.approx(round(correct), abs=1e-4), (kind, n, correct)
+        _assert_close_weights(Run(two).load_model(1).get_weights(),
+                              Run(one).load_model(1).get_weights())
+        d = Run(two).config["train"]["distribution"]
+        assert d["strategy"] == "DataParallel" and d["replicas"] == 2 and d["even_batches"] == 2
+        assert d["jit_compile"] is True
+    bf16 = Run(tmp_path / "bf16")
+    assert bf16.config["train"]["distribution"]["precision"] == "mixed_bfloat16"
+    assert np.isfinite(float(_log(tmp_path / "bf16")[0]["loss"]))
+    assert {w.dtype for w in bf16.load_model(1).weights} == {"float32", "int64"}
 
 
 # ---------------------------------------------------------------------------- fast tests
