@@ -427,9 +427,10 @@ def train(cfg: TrainConfig, *, wrap_model: Callable[[keras.Model], keras.Model] 
     (``darekit.distribute``); ``config.json`` records them under ``distribution`` (strategy,
     replicas, devices, global and per-replica batch, XLA, batch-norm synchronisation).
     """
-    run, cfg, start = _prepare_run(cfg)
+    # Devices first: a device that is not there is an error before the run folder is made.
     dist = distribute.distribution(cfg.devices, cfg.precision)
     dist.check_batch(cfg.batch_size)
+    run, cfg, start = _prepare_run(cfg)
     set_seed(cfg.seed, cfg.deterministic)
     jit = dist.jit_compile(cfg.jit_compile)
     # JAX's DataParallel shards every batch evenly over its devices (TF's MirroredStrategy
