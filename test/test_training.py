@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import call_script, run_script
 
+from darekit import backend as B
 from darekit import io, layout
 from darekit.errors import DareError
 from darekit.models import ARCHITECTURES
@@ -91,7 +92,11 @@ def test_history_config_and_log(fm_run):
     assert run.history_epochs() == [1, 2, 3, 4]
     cfg = run.config
     assert cfg["train"]["seed"] == 0 and cfg["train"]["model"] == "smallcnn"
-    assert {"tensorflow", "keras", "numpy", "python"} <= set(cfg["versions"])
+    # the backend that ran, and its versions (issue 14: every run records them)
+    assert cfg["versions"]["backend"] == B.name()
+    assert {B.name(), "keras", "numpy", "python"} <= set(cfg["versions"])
+    if B.name() == "jax":
+        assert {"jaxlib", "jax_devices"} <= set(cfg["versions"])
     assert "git_commit" in cfg
     split = run.split()
     assert len(split.train_idx) == len(split.validation_idx) == 1000
