@@ -224,10 +224,13 @@ def foolbox_real(real):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("name", ["fgsm", "bim"])
 def test_real_model_matches_foolbox(real, foolbox_real, name):
     # Same float32 operations in the same order: in practice the adversarials agree bit for
     # bit, so every success flag must agree too (no input is left on a decision boundary).
+    # TensorFlow only: the exact (non-XLA) graphs are what match Foolbox's eager tape; under
+    # XLA (always on JAX) a gradient entry near 0 may change sign (next test).
     model, x, y = real
     x, y = x[:N_REAL], y[:N_REAL]
     engine = LinfEngine(model, LinfGradient.from_spec(name))
@@ -244,6 +247,25 @@ def test_real_model_matches_foolbox(real, foolbox_real, name):
         x_fb, ok_fb = foolbox_real[name, eps]
         assert np.abs(x_adv[which == k] - x_fb[which == k]).max() <= 1e-5
         np.testing.assert_array_equal(ok[which == k], ok_fb[which == k])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fgsm", "bim"])
+def test_real_model_agrees_with_foolbox_up_to_xla_rounding(real, foolbox_real, name):
+    # Any backend, the engine as evaluate_attack runs it (XLA). Gradient entries near 0 may
+    # round to the other sign, which moves that pixel by up to 2 steps: most adversarials stay
+    # identical, and the success flags agree but for inputs that sit on a decision boundary.
+    model, x, y = real
+    x, y = x[:N_REAL], y[:N_REAL]
+    engine = LinfEngine(model, LinfGradient.from_spec(name), jit_compile=True)
+    for eps in EPSILONS:
+        x_fb, ok_fb = foolbox_real[name, eps]
+        x_adv, ok = engine(x, y, eps)
+        same = np.abs(x_adv - x_fb).reshape(N_REAL, -1).max(axis=1) <= 1e-5
+        # Measured on JAX (CPU): 97-99% identical, every flag equal.
+        assert same.mean() >= 0.9, (name, eps, same.mean())
+        assert np.mean(ok == ok_fb) >= 0.98, (name, eps)
+        np.testing.assert_array_equal(ok[same], ok_fb[same])
 
 
 @pytest.mark.slow
