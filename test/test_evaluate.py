@@ -291,6 +291,35 @@ def test_model_file_that_does_not_match_its_run_fails_clearly(eval_run):
                      progress=False)
 
 
+@pytest.mark.slow
+@pytest.mark.jax
+def test_evaluation_with_the_crosscheck_end_to_end(eval_run):
+    """On either backend (CI runs it under JAX too): two models under FGSM and C&W, and the
+    ART cross-check (APGD-CE, targeted APGD-DLR, Square, transfer) through the seam's
+    estimator, with the backend and its versions recorded."""
+    from darekit import backend as B
+
+    cfg = EvalConfig(n=20, attacks=("fgsm", "cw"), crosscheck_n=16,
+                     params={"cw": {"steps": 20}},
+                     crosscheck_params={"apgd_iter": 5, "dlr_targets": 1, "square_queries": 30})
+    rows = evaluate_run(eval_run, cfg, progress=False)
+    assert {(r["model"], r["attack"]) for r in rows} == {
+        (m, a) for m in ("original", "epoch1") for a in ("fgsm", "cw")}
+    for r in rows:
+        assert r["robust_accuracy"] <= r["clean_accuracy"] and r["success_rate"] > 0.5, r
+    js = io.read_json(eval_run.path / layout.EVAL_DIR / "results.json")
+    checks = {c["model"]: c for c in js["crosscheck"]}
+    assert set(checks) == {"original", "epoch1"}
+    for c in checks.values():
+        acc = c["robust_accuracy"]
+        assert set(acc) >= {"apgd_ce", "apgd_t", "square", "transfer"}
+        assert c["worst_case_accuracy"] <= min(acc.values()) <= c["clean_accuracy"]
+    assert checks["original"]["robust_accuracy"]["apgd_ce"] < checks["original"]["clean_accuracy"]
+    part = io.read_json(eval_run.path / layout.EVAL_PARTS / "original__crosscheck.json")
+    assert part["config"]["versions"]["backend"] == B.name()
+    assert set(part["config"]["versions"]) >= {"art", "keras", "numpy", "backend"}
+
+
 def test_cli_rejects_bad_options(tmp_path):
     proc = call_script("dare/test.py", "--run-dir", tmp_path / "none")
     assert proc.returncode == 2 and "no run at" in proc.stderr
