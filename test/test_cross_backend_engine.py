@@ -75,8 +75,7 @@ def _both_backends() -> bool:
 
 
 @pytest.mark.skipif(not _both_backends(), reason="needs TensorFlow and JAX in one Python")
-@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
-                    reason="runs both backends itself: once per test session is enough")
+@pytest.mark.tensorflow_only  # runs both backends itself: once, in the TensorFlow tier
 def test_engine_agrees_across_backends_on_the_same_weights(tmp_path):
     weights = tmp_path / "tiny.weights.h5"
     res = {}
