@@ -14,8 +14,11 @@ Variants (each a ``train()`` run; ratio = its images/s over the bare fit's):
 - ``bf16`` / ``fp16``: ``--precision mixed_bfloat16`` / ``mixed_float16`` (on a CPU these
   measure the kernels' 16-bit support, not a GPU's tensor cores);
 - ``xla``: ``--jit-compile``;
-- ``augment``: ``--augment crop-flip`` through the batched pipeline (``train_dataset``);
-- ``augment-per-image``: the same batches through the former per-image ``map`` pipeline.
+- ``augment``: ``--augment crop-flip`` through the NumPy pipeline (``train_dataset``: one
+  fancy index per batch, prepared ahead on threads, the same on both backends).
+
+This benchmark runs on TensorFlow (the ``devices`` variant needs its logical CPU devices);
+``bench/gpu.py`` measures ``train()`` against a bare fit on either backend.
 
 Both sides: same architecture, optimizer, batch size and data (the run's ``x_train``), the
 same-sized held-out evaluation after every epoch. Images/s are taken over epochs 2..E (epoch 1
@@ -42,7 +45,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 
 import keras  # noqa: E402
 
-from darekit import training  # noqa: E402
 from darekit.data import load_dataset, make_split  # noqa: E402
 from darekit.models import get_architecture  # noqa: E402
 from darekit.models.common import channel_stats  # noqa: E402
@@ -56,28 +58,7 @@ VARIANTS = {
     "fp16": {"precision": "mixed_float16"},
     "xla": {"jit_compile": True},
     "augment": {"augment": "crop-flip"},
-    "augment-per-image": {"augment": "crop-flip"},
 }
-
-
-def per_image_dataset(x, y, cfg: TrainConfig, initial_epoch: int):
-    """The input pipeline before the batched augmentation: one ``map`` call per image (the
-    same batches; ``test_distribute.py`` checks it)."""
-    import math
-
-    n = len(x)
-    xs, ys = tf.constant(x), tf.constant(y)
-    aug = training._augment_fn(cfg.augment, x.shape[1:])
-
-    def epoch_batches(e):
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                         seed=tf.stack([cfg.seed, e]))
-        ds = tf.data.Dataset.from_tensor_slices(order)
-        return ds.map(lambda i: (aug(xs[i], tf.stack([cfg.seed * 7919 + e, i])), ys[i]),
-                      num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size)
-
-    ds = tf.data.Dataset.range(initial_epoch, cfg.epochs).flat_map(epoch_batches)
-    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(n / cfg.batch_size)
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -104,13 +85,7 @@ def images_per_s(clock: EpochClock, n: int) -> float:
 def run_variant(name: str, cfg0: TrainConfig, tmp: str) -> float:
     cfg = TrainConfig(**{**cfg0.__dict__, **VARIANTS[name], "run_dir": f"{tmp}/{name}"})
     clock = EpochClock()
-    original = training.train_dataset
-    if name == "augment-per-image":
-        training.train_dataset = per_image_dataset
-    try:
-        train(cfg, callbacks=[clock])
-    finally:
-        training.train_dataset = original
+    train(cfg, callbacks=[clock])
     return clock
 
 
