@@ -152,6 +152,7 @@ def test_whole_chain_via_scripts(chain_outputs, variant):
                                       original.get_layer("logits").get_weights()[0])
 
 
+@pytest.mark.jax  # slicing and mining by the scripts, then DARE: CI runs it on JAX too
 def test_saved_classifier_carries_exactly_the_tuned_weights(chain_run):
     run = Run.open(chain_run)
     res = run_dare(run, DareConfig(epochs=1, verbose=0), log=lambda s: None)

@@ -87,6 +87,7 @@ def test_missing_dataset_names_files_and_folder(tmp_path):
     assert "data_batch_1" in proc.stderr and str(tmp_path / "empty") in proc.stderr
 
 
+@pytest.mark.jax
 def test_history_config_and_log(fm_run):
     run = Run.open(fm_run)
     assert run.history_epochs() == [1, 2, 3, 4]
@@ -106,6 +107,7 @@ def test_history_config_and_log(fm_run):
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(log[0])
 
 
+@pytest.mark.jax  # training with its history on real data: CI runs it on JAX too
 def test_real_fashion_mnist_learns(fm_run):
     """1000 training images, 4 epochs: chance is 10%; a working pipeline reaches well over 70%
     on the first 2000 test images (measured 0.791 on 2026-11-21), a broken one (labels shuffled
