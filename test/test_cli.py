@@ -148,7 +148,10 @@ def test_deterministic_sets_the_xla_flag_before_keras_loads(tmp_path):
     for flag, expect in (("--deterministic", "True --xla_gpu_deterministic_ops=true"),
                          ("--no-deterministic", "False None")):
         proc = subprocess.run([PY, "-c", code, flag], capture_output=True, text=True, cwd=ROOT,
-                              env=_env(DAREKIT_CACHE=str(tmp_path)), timeout=300)
+                              env=_env(DAREKIT_CACHE=str(tmp_path),
+                                       KERAS_BACKEND=os.environ.get("KERAS_BACKEND",
+                                                                    "tensorflow")),
+                              timeout=300)
         assert proc.stdout.strip() == expect, proc.stderr
 
 

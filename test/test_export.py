@@ -49,7 +49,8 @@ def logits_without_darekit(path: Path, x: np.ndarray, workdir: Path) -> np.ndarr
     x_file, out_file = workdir / "x.npy", workdir / "logits.npy"
     np.save(x_file, x)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(workdir),
-           "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+           "TF_CPP_MIN_LOG_LEVEL": "3",
+           "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
     proc = subprocess.run([sys.executable, "-I", "-c", _LOAD_WITHOUT_DAREKIT, str(path),
                            str(x_file), str(out_file)], capture_output=True, text=True,
                           cwd=workdir, env=env, timeout=300)
