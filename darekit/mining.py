@@ -173,11 +173,11 @@ def minimize_deltas(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, 
     grid = patch_ids(h, w, patch)
     n_patches = int(grid.max()) + 1
     nonzero = np.zeros((n, n_patches), dtype=bool)
-    np.logical_or.at(nonzero.T, grid.ravel(), np.any(delta != 0, axis=-1).reshape(n, -1).T)
+    np.logical_or.at(nonzero.T, grid.ravel(), np.any(delta != 0, axis=-1).reshape(n, h * w).T)
     items = [np.flatnonzero(row) for row in nonzero]
     if priority is not None:
         score = np.zeros((n, n_patches))
-        np.add.at(score.T, grid.ravel(), priority.reshape(n, -1).T)
+        np.add.at(score.T, grid.ravel(), priority.reshape(n, h * w).T)
         items = [it[np.argsort(-score[i, it], kind="stable")] for i, it in enumerate(items)]
     if any(len(it) == 0 for it in items):
         raise DareError("an input with a zero perturbation cannot be misclassified")

@@ -232,3 +232,14 @@ def test_get_ats_refuses_a_run_without_history(tmp_path):
     assert proc.stderr.startswith("error: run ") and "no training history" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (run_dir / layout.MINED).exists()
+
+
+def test_minimize_deltas_with_no_candidates():
+    """No input misclassified at x + delta (it happens on a dry run's VGG): an empty result,
+    not a reshape error."""
+    from darekit.mining import minimize_deltas
+
+    z = np.zeros((0, 8, 8, 1), np.float32)
+    r = minimize_deltas(lambda x: np.zeros(len(x), int), z, np.zeros(0, int), z, 4,
+                        priority=np.zeros((0, 8, 8)))
+    assert r.masks.shape == (0, 8, 8) and r.queries.shape == (0,)
