@@ -136,12 +136,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile(
         name="dry",
         doc="a dry run that measures nothing and proves a configuration runs: every stage at "
-            "its smallest scale (1 epoch on 400 images: 20 steps, about the fewest after which "
-            "VGG classifies some inputs, which slicing and mining need; 2 images per class "
+            "its smallest scale (2 epochs on 400 images: 40 steps; 20 left VGG16 on "
+            "Fashion-MNIST predicting one class, and slicing and mining need some inputs "
+            "classified correctly; 2 images per class "
             "sliced exactly, 40 inputs mined, 1 epoch per DARE variant and baseline, 10 "
             "adversarial examples per attack, 10 test images, attacks of 1-2 steps at the "
             "budget only, a 1-iteration cross-check)",
-        train={"subset": 400, "epochs": 1, "batch_size": 10, "lr": 0.002, "warmup_epochs": 0,
+        train={"subset": 400, "epochs": 2, "batch_size": 10, "lr": 0.002, "warmup_epochs": 0,
                "test_subset": 10},
         slice=SliceConfig(max_per_class=2),
         mine=MineConfig(max_inputs=40, eps_mine=0.3),
