@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian/Ubuntu machine with Python 3.11: a local virtual
 # environment in .venv with the pinned dependencies, and real Fashion-MNIST.
-# Idempotent: a second run only checks. Sourced by scripts/demo.sh and scripts/test.sh.
+# Idempotent: a second run only checks. Run by scripts/demo.sh and scripts/test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -21,15 +21,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-stamp="$VENV/.requirements.sha"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/setup.py" | sha1sum | cut -c1-40)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing requirements into .venv (TensorFlow CPU build; a few minutes the first time)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
-  echo "$want" > "$stamp"
-fi
+install_main() {
+  local stamp="$VENV/.requirements.sha" want
+  want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/setup.py" | sha1sum | cut -c1-40)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing requirements into .venv (TensorFlow CPU build; a few minutes the first time)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
+    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+    echo "$want" > "$stamp"
+  fi
+  touch "$VENV/.editable-done"
+}
 
 # 1b. A second environment for Keras' JAX backend, without TensorFlow (.venv-jax): the test
 # suite's JAX tier runs there, proving that no stage needs TensorFlow (a GPU machine with JAX
@@ -40,18 +43,33 @@ if [ "${DAREKIT_NO_JAX_VENV:-0}" != 1 ]; then
     say "creating $VENV_JAX (Keras on JAX, no TensorFlow)"
     "$PY" -m venv "$VENV_JAX"
   fi
-  stamp_jax="$VENV_JAX/.requirements.sha"
+fi
+install_jax() {
+  local stamp_jax="$VENV_JAX/.requirements.sha" want_jax
   want_jax="$(cat "$ROOT/requirements-jax.txt" "$ROOT/requirements-dev.txt" "$ROOT/setup.py" | sha1sum | cut -c1-40)"
   if [ "$(cat "$stamp_jax" 2>/dev/null)" != "$want_jax" ]; then
     say "installing the JAX requirements into .venv-jax"
     "$VENV_JAX/bin/python" -m pip install -q --upgrade pip
     "$VENV_JAX/bin/python" -m pip install -q -r "$ROOT/requirements-jax.txt" "pytest>=8" "hypothesis>=6.100"
+    # The editable install writes darekit.egg-info in the checkout: one pip at a time.
+    while [ ! -e "$VENV/.editable-done" ]; do sleep 1; done
     "$VENV_JAX/bin/python" -m pip install -q --no-deps -e "$ROOT"
     if "$VENV_JAX/bin/python" -c 'import tensorflow' 2>/dev/null; then
-      say "error: TensorFlow got into .venv-jax; remove it (rm -r .venv-jax) and rerun"; exit 1
+      say "error: TensorFlow got into .venv-jax; remove it (rm -r .venv-jax) and rerun"; return 1
     fi
     echo "$want_jax" > "$stamp_jax"
   fi
+}
+# The two installs are mostly downloads and unpacking: side by side they take the time of the
+# larger one (TensorFlow's).
+if [ "${DAREKIT_NO_JAX_VENV:-0}" != 1 ]; then
+  rm -f "$VENV/.editable-done"
+  install_jax & jax_pid=$!
+  trap 'kill "$jax_pid" 2>/dev/null || true' EXIT   # a failed main install stops it too
+  install_main
+  wait "$jax_pid" || { say "error: installing .venv-jax failed"; exit 1; }
+else
+  install_main
 fi
 
 # 2. Real Fashion-MNIST: Debian's package when we can install it, else Keras' downloader.
