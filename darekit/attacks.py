@@ -38,11 +38,15 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from darekit import backend as B
+from darekit import l2
 from darekit.data import dataset_spec
 from darekit.errors import DareError
 
 NORMS = ("linf", "l2")
 KINDS = ("fixed", "minimization")
+ENGINES = ("compiled", "foolbox")
+"""How ``run_attack`` runs an attack: the spec's compiled ``runner`` (C&W, DeepFool) or
+Foolbox (every attack; the reference)."""
 
 
 # ---------------------------------------------------------------------------- the registry
@@ -63,6 +67,10 @@ class AttackSpec:
             every input with at most this many ``steps``, then reruns only the inputs still
             not fooled with the full ``steps``: the same result per input, without a few
             stubborn inputs keeping the whole batch busy.
+        runner: the same algorithm in the package's own compiled code (``darekit.l2``):
+            ``runner(model, x, y, batch_size=..., jit_compile=..., **params) -> x_adv``
+            (NumPy, unclipped). ``run_attack`` uses it unless ``engine="foolbox"``; the
+            Foolbox ``factory`` stays the reference.
 
     A fixed attack's default budget is the dataset's (``DatasetSpec.budget(norm)``).
     """
@@ -74,6 +82,7 @@ class AttackSpec:
     defaults: Mapping[str, Any]
     doc: str = ""
     first_steps: int | None = None
+    runner: Callable[..., np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.kind not in KINDS:
@@ -186,16 +195,43 @@ register(AttackSpec(
      "initial_const": 1.0, "abort_early": True},
     "C&W L2: 2 binary-search steps over c from 1 x 150 Adam steps of 0.05 = 300 gradient "
     "steps per input (Foolbox's default is 90,000); on the quick AlexNet its mean minimal L2 "
-    "was 3% above a 9 x 300-step run's, and it fooled every correctly classified image"))
+    "was 3% above a 9 x 300-step run's, and it fooled every correctly classified image",
+    runner=l2.carlini_wagner_l2))
 register(AttackSpec(
     "deepfool", "l2", "minimization", fb.attacks.L2DeepFoolAttack,
     {"steps": 50, "candidates": 10, "overshoot": 0.02, "loss": "logits"},
     "DeepFool L2 (Moosavi-Dezfooli et al. 2016): at most 50 steps over the 10 top classes, "
-    "overshoot 0.02", first_steps=10))
+    "overshoot 0.02", first_steps=10, runner=l2.deepfool_l2))
 register(AttackSpec(
     "l2pgd", "l2", "fixed", fb.attacks.L2ProjectedGradientDescentAttack,
     {"steps": 20, "rel_stepsize": 2.5 / 20, "abs_stepsize": None, "random_start": True},
     "L2 PGD-20: 20 steps of eps/8, random start in the L2 ball (not in the default five)"))
+
+
+class _LinfMarginPGD(fb.attacks.LinfProjectedGradientDescentAttack):
+    """Foolbox's L-inf PGD ascending the Carlini-Wagner margin ``max_{j != y} z_j - z_y``
+    instead of the cross-entropy. On a linear model the cross-entropy's ascent raises every
+    wrong class at once and stops short of the L-inf optimum; the margin pushes the best wrong
+    class past the true one, which is what flips the label. ``linf_loss`` names the same loss
+    in ``darekit.linf.LOSSES``, so the compiled engine runs this attack too."""
+
+    linf_loss = "margin"
+
+    def get_loss_fn(self, model, labels):
+        def loss_fn(inputs):
+            logits = model(inputs)
+            onehot = ep.onehot_like(logits, labels)
+            true = (logits * onehot).sum(axis=-1)
+            other = ep.where(onehot > 0, -np.inf, logits).max(axis=-1)
+            return (other - true).sum()
+
+        return loss_fn
+
+
+register(AttackSpec(
+    "pgd-margin", "linf", "fixed", _LinfMarginPGD, dict(ATTACKS["pgd"].defaults),
+    "PGD-20 as pgd (20 steps of eps/8, uniform random start) on the Carlini-Wagner margin "
+    "instead of the cross-entropy: for the worst case (not in the default five)"))
 
 
 # ---------------------------------------------------------------------------- running attacks
@@ -262,15 +298,30 @@ def _norms(x: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             np.sqrt((d * d).sum(axis=1)).astype(np.float32))
 
 
+def attack_engine(spec: AttackSpec | str, engine: str | None = None) -> str:
+    """The engine that runs ``spec``: ``engine`` if given (``"compiled"`` needs a spec with a
+    ``runner``), else ``"compiled"`` where the spec has one and ``"foolbox"`` otherwise."""
+    spec = get_spec(spec)
+    if engine is None:
+        return "compiled" if spec.runner is not None else "foolbox"
+    if engine not in ENGINES:
+        raise DareError(f"engine must be one of {list(ENGINES)}; received {engine!r}")
+    if engine == "compiled" and spec.runner is None:
+        raise DareError(f"attack {spec.name!r} has no compiled engine; use engine='foolbox'")
+    return engine
+
+
 def attack_config(spec: AttackSpec | str, eps: float | Sequence[float] | None,
-                  params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that defines an attack run, JSON-ready (includes Foolbox's ``repr``)."""
+                  params: Mapping[str, Any] | None = None,
+                  engine: str | None = None) -> dict[str, Any]:
+    """Everything that defines an attack run, JSON-ready (includes Foolbox's ``repr``, the
+    algorithm's reference, and the engine that ran it: ``attack_engine``)."""
     spec = get_spec(spec)
     full = spec.params(**dict(params or {}))
     return {"attack": spec.name, "norm": spec.norm, "kind": spec.kind,
             "eps": list(eps) if isinstance(eps, Sequence) else eps,
             "params": full, "foolbox": repr(spec.factory(**full)), "doc": spec.doc,
-            "foolbox_version": fb.__version__}
+            "foolbox_version": fb.__version__, "engine": attack_engine(spec, engine)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,12 +391,54 @@ class SweepResult:
         return pick(self.epsilons[:, None].repeat(len(cols), 1)), pick(self.linf), pick(self.l2)
 
 
+def _clip_l2(x: np.ndarray, xp: np.ndarray, eps: float | None) -> np.ndarray:
+    """Foolbox's ``LpDistance(2).clip_perturbation``: ``xp - x`` scaled down to L2 norm
+    ``eps`` where longer (``None``: unchanged), in float32."""
+    if eps is None:
+        return xp
+    p = xp - x
+    norms = np.sqrt(np.square(p.reshape(len(p), -1)).sum(axis=-1))
+    factor = np.minimum(np.float32(1), np.float32(eps) / np.maximum(norms, np.float32(1e-12)))
+    return x + factor.reshape((-1,) + (1,) * (x.ndim - 1)).astype(np.float32) * p
+
+
+def _runner_batches(model: keras.Model, x: np.ndarray, y: np.ndarray, spec: AttackSpec,
+                    epsilons: list[float | None], params: Mapping[str, Any], batch_size: int,
+                    progress: bool, keep_images: bool, jit_compile: bool):
+    """``_attack_batches`` through ``spec.runner``: the same per-batch tuples, success as
+    Foolbox's (the model's label on the clipped adversarial differs from ``y``)."""
+    if spec.norm != "l2":
+        raise DareError(f"attack {spec.name!r}: a compiled runner clips in L2 only")
+    full = spec.params(**params)
+    bar = tqdm(total=len(x), desc=spec.name, unit="img", disable=not progress, leave=False)
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = np.asarray(x[i:i + batch_size], np.float32), y[i:i + batch_size]
+            raw = spec.runner(model, xb, yb, batch_size=batch_size, jit_compile=jit_compile,
+                              **full)
+            clipped = [_clip_l2(xb, raw, e) for e in epsilons]
+            success = np.stack([predict_labels(model, c, batch_size, jit_compile) != yb
+                                for c in clipped])
+            advs = np.stack([np.clip(c, 0.0, 1.0) for c in clipped])
+            norms = [_norms(xb, a) for a in advs]
+            yield (advs if keep_images else None, success,
+                   np.stack([n[0] for n in norms]), np.stack([n[1] for n in norms]))
+            bar.update(len(xb))
+    finally:
+        bar.close()
+
+
 def _attack_batches(model: keras.Model, x: np.ndarray, y: np.ndarray, spec: AttackSpec,
                     epsilons: list[float | None], params: Mapping[str, Any], batch_size: int,
-                    progress: bool, keep_images: bool, jit_compile: bool = False):
+                    progress: bool, keep_images: bool, jit_compile: bool = False,
+                    engine: str | None = None):
     """Yield, per batch, ``(clipped advs (K, B, ...) or None, success (K, B), norms...)``."""
     if len(x) != len(y) or len(x) == 0:
         raise DareError(f"cannot attack {len(x)} images with {len(y)} labels")
+    if attack_engine(spec, engine) == "compiled":
+        yield from _runner_batches(model, x, y, spec, epsilons, params, batch_size, progress,
+                                   keep_images, jit_compile)
+        return
     attack = spec.build(**params)
     fmodel = foolbox_model(model, jit_compile)
     # On JAX every new batch shape compiles the model (and Foolbox's steps) again: the batches
@@ -377,31 +470,34 @@ def run_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str | A
                eps: float | None = None, dataset: str | None = None,
                params: Mapping[str, Any] | None = None, batch_size: int = 256,
                seed: int | None = None, progress: bool = True,
-               jit_compile: bool = False) -> AttackResult:
+               jit_compile: bool = False, engine: str | None = None) -> AttackResult:
     """Attack ``x`` ``(N, H, W, C)`` in [0, 1] with labels ``y`` ``(N,)`` at one budget.
 
     ``eps``: the budget; ``None`` takes the dataset's budget for a fixed attack and
     means "minimal, unclipped" for a minimization attack. ``params`` override the registered
     parameters. ``seed`` seeds the RNG of Foolbox's random starts first (TensorFlow's global
     RNG, or eagerpy's JAX key), so the same call gives the same result. ``model`` outputs
-    logits. ``jit_compile``: run the model with XLA (JAX always does).
+    logits. ``jit_compile``: run the model with XLA (JAX always does). ``engine``:
+    ``"compiled"`` (the default where the attack has one: C&W and DeepFool, ``darekit.l2``)
+    or ``"foolbox"`` (the reference; the only engine of the other attacks).
     """
     spec = get_spec(attack)
     eps = spec.epsilon(dataset, eps)
     params = dict(params or {})
-    config = attack_config(spec, eps, params)
+    config = attack_config(spec, eps, params, engine)
+    engine = config["engine"]
     if seed is not None:
         B.seed_foolbox(seed)
     full = spec.params(**params)
     staged = spec.first_steps is not None and full["steps"] > spec.first_steps
     first = {**params, "steps": spec.first_steps} if staged else params
     parts = list(_attack_batches(model, x, y, spec, [eps], first, batch_size, progress, True,
-                                 jit_compile))
+                                 jit_compile, engine))
     out = [np.concatenate([p[k][0] for p in parts]) for k in range(4)]
     if staged and not out[1].all():
         rest = np.flatnonzero(~out[1])
         more = list(_attack_batches(model, x[rest], y[rest], spec, [eps], params, batch_size,
-                                    progress, True, jit_compile))
+                                    progress, True, jit_compile, engine))
         for k in range(4):
             out[k][rest] = np.concatenate([p[k][0] for p in more])
     return AttackResult(x_adv=out[0].astype(np.float32), success=out[1],
@@ -412,21 +508,23 @@ def run_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str | A
 def sweep_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: str | AttackSpec,
                  epsilons: Sequence[float], *, params: Mapping[str, Any] | None = None,
                  batch_size: int = 256, seed: int | None = None,
-                 progress: bool = True) -> SweepResult:
+                 progress: bool = True, engine: str | None = None) -> SweepResult:
     """Attack ``(x, y)`` at every epsilon of ``epsilons`` in one Foolbox call per batch.
 
     A fixed attack runs once per epsilon; a minimization attack runs once and its result is
     clipped to each epsilon. Returns per-epsilon success and norms; see ``SweepResult.minimal``.
+    ``engine`` as in ``run_attack``.
     """
     spec = get_spec(attack)
     eps = [check_eps(e) for e in epsilons]
     if not eps:
         raise DareError("sweep_attack needs at least one epsilon")
     params = dict(params or {})
-    config = attack_config(spec, eps, params)
+    config = attack_config(spec, eps, params, engine)
     if seed is not None:
         B.seed_foolbox(seed)
-    parts = list(_attack_batches(model, x, y, spec, eps, params, batch_size, progress, False))
+    parts = list(_attack_batches(model, x, y, spec, eps, params, batch_size, progress, False,
+                                 engine=config["engine"]))
     cat = lambda k: np.concatenate([p[k] for p in parts], axis=1)
     return SweepResult(epsilons=np.asarray(eps), success=cat(1), clean_correct=predict_labels(
         model, x, batch_size) == y, linf=cat(2), l2=cat(3), config=config)

@@ -448,7 +448,10 @@ class CrossCheckResult:
     caller's flags AND clean correctness); ``worst_case`` ``(N,)``: AND of all of them and of
     ``clean_correct`` ``(N,)``; ``seconds``: attack -> wall time (``transfer``: replay only;
     no entry for ``own_pgd``); ``masking``/``masking_reason``: ``gradient_masking``'s verdict;
-    ``config``: JSON-ready configuration.
+    ``config``: JSON-ready configuration; ``linf``: attack run here (``cfg.attacks``) ->
+    ``(N,)`` float64, the L-inf norm of the (projected) adversarial that broke an input
+    correctly classified clean, NaN elsewhere: a perturbation that attack *found* (at most
+    ``eps``; not a minimal one), for the worst case (``darekit.worstcase.crosscheck_parts``).
     """
 
     robust: dict[str, np.ndarray]
@@ -458,6 +461,7 @@ class CrossCheckResult:
     masking: bool
     masking_reason: str
     config: dict[str, Any]
+    linf: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def robust_accuracy(self) -> dict[str, float]:
         """Attack -> fraction of all N inputs robust to it."""
@@ -512,22 +516,31 @@ def cross_check(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: CrossChec
     def judge(x_adv: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return _logits(model, x_adv, cfg.batch_size).argmax(axis=1) == y[rows]
 
+    def found(norms: np.ndarray, x_adv: np.ndarray, rows: np.ndarray, ok: np.ndarray) -> None:
+        """Record the L-inf norm of each adversarial that broke its input (``ok`` False)."""
+        d = np.abs(x_adv.astype(np.float64) - x[rows]).reshape(len(rows), -1)
+        norms[rows[~ok]] = d.max(axis=1, initial=0.0)[~ok]
+
     ce, dlr = _classifiers(model, x.shape[1:], nb_classes, cfg.batch_size)
     robust: dict[str, np.ndarray] = {}
+    linf: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     try:
         for name in cfg.attacks:
             bar.set_postfix_str(name)
             start = time.perf_counter()
             flags = clean_correct.copy()
+            norms = np.full(n, np.nan)
             for b, rows in enumerate(batches):
                 if name == "apgd_ce":
                     xa = _apgd(ce, x[rows], _one_hot(y[rows], nb_classes), cfg,
                                targeted=False, keys=(_key(name), b))
                     flags[rows] = judge(xa, rows)
+                    found(norms, xa, rows, flags[rows])
                 elif name == "square":
                     xa = _square(ce, x[rows], y[rows], cfg, keys=(_key(name), b))
                     flags[rows] = judge(xa, rows)
+                    found(norms, xa, rows, flags[rows])
                 else:  # apgd_t: the k-th most likely non-true class, on what is still robust
                     order = np.argsort(-clean_logits[rows], axis=1, kind="stable")
                     for k in range(n_targets):
@@ -541,7 +554,9 @@ def cross_check(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: CrossChec
                         xa = _apgd(dlr, x[r], labels, cfg, targeted=True,
                                    keys=(_key(name), b, k))
                         flags[r] = judge(xa, r)
+                        found(norms, xa, r, flags[r])   # the target that broke it
             robust[name] = flags
+            linf[name] = norms
             seconds[name] = time.perf_counter() - start
             bar.update()
         if transfer is not None:
@@ -569,4 +584,4 @@ def cross_check(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: CrossChec
                            "keras": keras.__version__, **B.versions()}}
     return CrossCheckResult(robust=robust, worst_case=worst, clean_correct=clean_correct,
                             seconds=seconds, masking=masking, masking_reason=reason,
-                            config=config)
+                            config=config, linf=linf)

@@ -1,12 +1,14 @@
-"""A compiled L-inf gradient-attack engine (FGSM, BIM, PGD) with one epsilon per input.
+"""A compiled L-inf gradient-attack engine (FGSM, BIM, PGD, PGD on the margin) with one
+epsilon per input.
 
 Foolbox 3 (``darekit.attacks``) runs a fixed-epsilon attack at one scalar epsilon per call, so a
 minimal-epsilon bisection, where every input sits at its own midpoint, would need one Foolbox call
 per distinct epsilon. ``LinfEngine`` takes an epsilon *vector* ``(N,)`` and attacks every input at
 its own budget in one batched, compiled pass:
 
-- ``LinfGradient``: the attack (steps, step size relative to epsilon or absolute, random start),
-  read from the registry (``LinfGradient.from_spec("bim")``), so its parameters are Foolbox's.
+- ``LinfGradient``: the attack (steps, step size relative to epsilon or absolute, random start,
+  loss: Foolbox's cross-entropy or, for ``pgd-margin``, C&W's margin), read from the registry
+  (``LinfGradient.from_spec("bim")``), so its parameters are Foolbox's.
 - ``LinfEngine(model, attack)(x, y, eps, seed) -> (x_adv, success)``.
 - ``FGSMLine(model, x, y)``: FGSM's direction ``sign(grad)`` does not depend on epsilon, so the
   minimal FGSM epsilon of an input is a search along one line: one gradient per input, then
@@ -65,15 +67,18 @@ __all__ = ["Adversarials", "FGSMLine", "LinfEngine", "LinfGradient", "Work"]
 class LinfGradient:
     """An L-inf signed-gradient attack, as Foolbox's ``LinfBaseGradientDescent`` runs it.
 
-    ``steps`` steps of ``x += stepsize * sign(grad CE)``, each projected on the eps-ball and
-    [0, 1]; ``stepsize = rel_stepsize * eps`` per input, or ``abs_stepsize`` when given.
-    FGSM is ``LinfGradient(1, 1.0, False)``; BIM and PGD differ in ``random_start``.
+    ``steps`` steps of ``x += stepsize * sign(grad loss)``, each projected on the eps-ball and
+    [0, 1]; ``stepsize = rel_stepsize * eps`` per input, or ``abs_stepsize`` when given;
+    ``loss``: a key of ``darekit.linf.LOSSES`` (``ce``, Foolbox's; ``margin``, C&W's).
+    FGSM is ``LinfGradient(1, 1.0, False)``; BIM and PGD differ in ``random_start``;
+    ``pgd-margin`` is PGD with ``loss="margin"``.
     """
 
     steps: int
     rel_stepsize: float
     random_start: bool
     abs_stepsize: float | None = None
+    loss: str = "ce"
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 1:
@@ -83,6 +88,8 @@ class LinfGradient:
         if self.abs_stepsize is not None and not (math.isfinite(self.abs_stepsize)
                                                   and self.abs_stepsize >= 0):
             raise DareError(f"abs_stepsize must be >= 0 or None; received {self.abs_stepsize}")
+        if self.loss not in linf.LOSSES:
+            raise DareError(f"loss must be one of {sorted(linf.LOSSES)}; received {self.loss!r}")
 
     @classmethod
     def fgsm(cls) -> LinfGradient:
@@ -93,18 +100,22 @@ class LinfGradient:
     def from_foolbox(cls, attack: fb.attacks.base.Attack) -> LinfGradient:
         """The parameters of a Foolbox L-inf gradient attack (FGSM, BIM, PGD).
 
-        Only plain signed-gradient descent on the cross-entropy is supported: an attack that
-        overrides the optimizer (Adam variants), the loss or the gradient is a ``DareError``.
+        Only plain signed-gradient descent is supported, on the cross-entropy or on a loss
+        that the attack's class declares as ``linf_loss`` (a key of ``darekit.linf.LOSSES``,
+        e.g. ``pgd-margin``'s): an attack that overrides the optimizer (Adam variants), the
+        gradient, or the loss without declaring it is a ``DareError``.
         """
-        plain = all(getattr(type(attack), name) is getattr(BaseGradientDescent, name)
-                    for name in ("get_optimizer", "get_loss_fn", "value_and_grad"))
+        loss = _loss_of(type(attack))
+        plain = loss is not None and all(
+            getattr(type(attack), name) is getattr(BaseGradientDescent, name)
+            for name in ("get_optimizer", "value_and_grad"))
         if not (isinstance(attack, LinfBaseGradientDescent) and plain):
-            raise DareError(f"LinfEngine runs plain L-inf gradient attacks (FGSM, BIM, PGD); "
-                            f"received {attack!r}")
+            raise DareError(f"LinfEngine runs plain L-inf gradient attacks (FGSM, BIM, PGD, "
+                            f"PGD on the margin); received {attack!r}")
         return cls(steps=int(attack.steps), rel_stepsize=float(attack.rel_stepsize),
                    random_start=bool(attack.random_start),
                    abs_stepsize=None if attack.abs_stepsize is None
-                   else float(attack.abs_stepsize))
+                   else float(attack.abs_stepsize), loss=loss)
 
     @classmethod
     def from_spec(cls, name: str, params: Mapping[str, Any] | None = None) -> LinfGradient:
@@ -122,6 +133,17 @@ class LinfGradient:
         if self.abs_stepsize is not None:
             return np.full(eps.shape, self.abs_stepsize, np.float32)
         return (self.rel_stepsize * eps).astype(np.float32)
+
+
+def _loss_of(cls: type) -> str | None:
+    """The ``darekit.linf.LOSSES`` key of a Foolbox gradient attack's loss: ``ce`` for
+    Foolbox's own ``get_loss_fn``; else the ``linf_loss`` declared by the class that defines
+    the ``get_loss_fn`` in use (``None``: an undeclared loss the engine cannot run)."""
+    if cls.get_loss_fn is BaseGradientDescent.get_loss_fn:
+        return "ce"
+    owner = next(c for c in cls.__mro__ if "get_loss_fn" in vars(c))
+    loss = vars(owner).get("linf_loss")
+    return loss if loss in linf.LOSSES else None
 
 
 @dataclass
@@ -223,9 +245,11 @@ class _Compiled:
         def compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return B.model_function(model, counted(name, fn), jit_compile=jit)
 
-        def step(call, x, x0, y, eps, stepsize):
-            return linf.step(x, x0, linf.gradient_sign(call, x, y), linf.per_input(stepsize, x0),
-                             linf.per_input(eps, x0))
+        def step_on(loss: str) -> Callable[..., Any]:
+            def step(call, x, x0, y, eps, stepsize):
+                return linf.step(x, x0, linf.gradient_sign(call, x, y, loss),
+                                 linf.per_input(stepsize, x0), linf.per_input(eps, x0))
+            return step
 
         def finish(call, x, x0, y, eps):
             return _finish(call, x, x0, y, linf.per_input(eps, x0))
@@ -242,8 +266,19 @@ class _Compiled:
         # under XLA, and the draw must not depend on the compilation mode.
         self.start = B.jit(counted("start", lambda x0, eps, seed: linf.random_start(
             x0, linf.per_input(eps, x0), seed)), jit_compile=False)
-        self.step, self.finish = compiled("step", step), compiled("finish", finish)
+        self.finish = compiled("finish", finish)
         self.direction, self.line = compiled("direction", direction), compiled("line", line)
+        # One compiled step per loss, built on first use ("step" keeps its name for "ce").
+        self._compile_step = lambda loss: compiled(
+            "step" if loss == "ce" else f"step-{loss}", step_on(loss))
+        self._steps: dict[str, Callable[..., Any]] = {}
+        self.step = self.step_on("ce")
+
+    def step_on(self, loss: str) -> Callable[..., Any]:
+        """The compiled attack step ascending ``linf.LOSSES[loss]``."""
+        if loss not in self._steps:
+            self._steps[loss] = self._compile_step(loss)
+        return self._steps[loss]
 
 
 class _Functions:
@@ -326,8 +361,9 @@ class LinfEngine:
             m = _padded(n, self.batch_size, self.jit_compile)
             x0, yb, e, s = _tensors(*(_pad(a[j], m) for a in (x, y, eps32, stepsize)))
             xa = f.start(x0, e, B.seed_array(seed, b)) if self.attack.random_start else x0
+            step = f.step_on(self.attack.loss)
             for _ in range(self.attack.steps):
-                xa = f.step(xa, x0, yb, e, s)
+                xa = step(xa, x0, yb, e, s)
             outs.append([B.to_numpy(o)[:n] for o in f.finish(xa, x0, yb, e)])
             self.work.gradients += n * self.attack.steps
             self.work.forwards += n

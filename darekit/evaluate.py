@@ -22,9 +22,10 @@ Definitions (also written into every ``results.json``):
   the budget (the dataset's: L-inf 0.1 Fashion-MNIST, 8/255 CIFAR-10/SVHN; L2 1.5 and 0.5).
 - **intervals**: 95%; Wilson for proportions, percentile bootstrap over the test images for ER.
 
-FGSM, BIM and PGD run on the compiled per-input-epsilon engine (``darekit.engine``): each
-bisection round is one batched pass over the inputs still open. ``SearchConfig.engine =
-"foolbox"`` runs the same search on Foolbox, one call per distinct epsilon (the reference).
+FGSM, BIM, PGD and PGD on the margin run on the compiled per-input-epsilon engine
+(``darekit.engine``): each bisection round is one batched pass over the inputs still open.
+``SearchConfig.engine = "foolbox"`` runs the same search on Foolbox, one call per distinct
+epsilon (the reference).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ DEFINITIONS = {
 }
 
 NORM_ORD = {"linf": np.inf, "l2": 2}
+ENGINE_ATTACKS = ("fgsm", "bim", "pgd", "pgd-margin")
+"""The attacks the compiled per-input-epsilon engine runs (``darekit.engine``)."""
 ENGINES = ("tf", "foolbox")
 MIN_COMPARABLE_SUCCESS = 0.9
 
@@ -95,9 +98,10 @@ class SearchConfig:
                         "most tol / (1 - tol))")
     eps_max_factor: float = option(4.0, "search up to this multiple of the budget")
     max_rounds: int = option(24, "at most this many batched attack passes per attack")
-    engine: str = option("tf", "fgsm, bim and pgd on the compiled per-input-epsilon engine "
-                         "(tf: a historical name, it runs on the Keras backend in use) or on "
-                         "Foolbox, one call per distinct epsilon (the reference)",
+    engine: str = option("tf", "fgsm, bim, pgd and pgd-margin on the compiled "
+                         "per-input-epsilon engine (tf: a historical name, it runs on the "
+                         "Keras backend in use) or on Foolbox, one call per distinct epsilon "
+                         "(the reference)",
                          choices=ENGINES)
 
     def __post_init__(self) -> None:
@@ -313,7 +317,7 @@ def _foolbox_probe(model: keras.Model, spec: AttackSpec, params: Mapping[str, An
 
 
 def _supports_engine(spec: AttackSpec) -> bool:
-    return spec.kind == "fixed" and spec.norm == "linf" and spec.name in ("fgsm", "bim", "pgd")
+    return spec.kind == "fixed" and spec.norm == "linf" and spec.name in ENGINE_ATTACKS
 
 
 # ---------------------------------------------------------------------------- one attack
@@ -405,8 +409,11 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
     nan = np.full(len(x), np.nan)
 
     if spec.kind == "minimization":
+        # SearchConfig.engine "foolbox" asks for the reference everywhere: C&W and DeepFool
+        # then run in Foolbox too (else in their compiled form, ``darekit.l2``).
         res = run_attack(model, x, y, spec, eps=None, params=params, batch_size=batch_size,
-                         seed=seed, progress=progress, jit_compile=jit_compile)
+                         seed=seed, progress=progress, jit_compile=jit_compile,
+                         engine="foolbox" if search.engine == "foolbox" else None)
         pert = (res.linf if spec.norm == "linf" else res.l2).astype(np.float64)
         fooled = res.fooled
         return AttackEvaluation(
@@ -598,20 +605,28 @@ def evaluate_run(run: Run, cfg: EvalConfig, *, progress: bool = True) -> list[di
         rows += [{**base, "model": name, "attack": a, "status": info["status"], "er": math.nan,
                   "lr": info["lr"], "why": info["why"]}
                  for a in cfg.attacks if _evaluated(cfg, name, a)]
-    robust = {k: v["robust_at_budget"] for k, v in parts.items()}
-    checks = _crosscheck_run(run, cfg, models, x, y, robust, load, progress) \
-        if cfg.crosscheck else []
+    checks, found = _crosscheck_run(run, cfg, models, x, y, parts, load, progress) \
+        if cfg.crosscheck else ([], {})
     report.write_run_report(run.path / layout.EVAL_DIR, {
         "run": str(run.path), "definitions": DEFINITIONS, "attacks": configs,
-        "results": rows, "crosscheck": checks}, parts, seed=cfg.seed)
+        "results": rows, "crosscheck": checks}, parts, seed=cfg.seed, found=found)
     return rows
 
 
 def _crosscheck_run(run: Run, cfg: EvalConfig, models: Sequence[str], x: np.ndarray,
-                    y: np.ndarray, robust: Mapping[tuple[str, str], np.ndarray],
-                    load: Callable[[str], keras.Model], progress: bool) -> list[dict[str, Any]]:
+                    y: np.ndarray, parts: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
+                    load: Callable[[str], keras.Model], progress: bool
+                    ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
     """Robust accuracy at the L-inf budget under APGD-CE, targeted APGD-DLR, Square and a
-    transfer attack from the original model; worst case per image with the package's PGD."""
+    transfer attack from the original model; worst case per image with the package's PGD.
+
+    Returns the rows and, for the worst case (``worstcase.crosscheck_parts``), what APGD found
+    per (model, attack) on the evaluation's N images (only on the cross-checked ones; a model
+    without an evaluated L-inf attack, or whose cached part predates these arrays, has none).
+    """
+    from darekit import worstcase
+
+    linf_attacks = sorted(a for (_, a) in parts if get_spec(a).norm == "linf")
     eps = dataset_spec(run.dataset_name).linf_budget
     cc = cfg.crosscheck_config(eps)
     pick = np.sort(balanced_subset(y, cfg.crosscheck_n, cfg.seed)) \
@@ -621,9 +636,10 @@ def _crosscheck_run(run: Run, cfg: EvalConfig, models: Sequence[str], x: np.ndar
     src = _mtime(run, "original")
     tmeta, tarr = _cached(run, "transfer", {**base_key, "source_mtime": src}, lambda: (
         {"source": "original"}, {"x_adv": transfer_set(load("original"), xs, ys, cc)}))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for name in tqdm(models, desc="cross-check", unit="model", disable=not progress):
-        own = robust.get((name, "pgd"))
+        own = parts.get((name, "pgd"), {}).get("robust_at_budget")
         own = None if own is None else own[pick]
         key = {**base_key, "weights_mtime": _mtime(run, name), "source_mtime": src,
                "own": None if own is None else own.tolist()}
@@ -633,11 +649,20 @@ def _crosscheck_run(run: Run, cfg: EvalConfig, models: Sequence[str], x: np.ndar
                               progress=progress)
             summary = res.summary()
             seconds = summary.pop("seconds")
+            # linf/<attack>: the norm of what each attack found, per cross-checked image (NaN:
+            # not broken), and pick: those images' indices among the N, for the worst case.
             return {"summary": summary, "config": res.config, "seconds": seconds}, {
                 f"robust/{k}": v for k, v in res.robust.items()} | {
-                "worst_case": res.worst_case}
+                f"linf/{k}": v for k, v in res.linf.items()} | {
+                "worst_case": res.worst_case, "pick": pick}
 
-        meta, _ = _cached(run, f"{name}__{CROSSCHECK}", key, compute)
+        meta, arrays = _cached(run, f"{name}__{CROSSCHECK}", key, compute)
         rows.append({"dataset": run.dataset_name, "arch": run.model_name, "seed": run.seed,
                      "model": name, **meta["summary"]})
-    return rows
+        reference = next((parts[name, a] for a in linf_attacks if (name, a) in parts), None)
+        if reference is not None and "pick" in arrays:   # older parts: left out, reported
+            linf = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("linf/")}
+            for a, p in worstcase.crosscheck_parts(linf, arrays["pick"], reference,
+                                                   cc.eps).items():
+                found[name, a] = p
+    return rows, found

@@ -184,6 +184,40 @@ def method_table(rows: Sequence[Mapping[str, Any]], rankings: Mapping[tuple, Ran
     return out
 
 
+DARE_METHODS = ("dare", "dare-s", "dare-sl")
+"""The paper's method and its variants, named together in the verdict lines."""
+
+
+def verdict_line(label: str, best: Mapping[str, int], total: int,
+                 significant: Mapping[str, int] | None = None) -> str:
+    """One line: which method has the highest ER in the most of ``total`` scenarios under a
+    measure (ties named together), and where DARE's variants stand. ``best``/``significant``:
+    per method, scenarios best in / significantly best in (``counts``)."""
+    if not total or not best:
+        return f"**Verdict, {label}**: no scenario could be ranked."
+    sig = significant or {}
+
+    def won(ms: Sequence[str]) -> str:
+        b = sum(best.get(m, 0) for m in ms)
+        text = f"{b} of {total}"
+        if significant is not None:
+            text += f" (significantly {sum(sig.get(m, 0) for m in ms)})"
+        return text
+
+    top = max(best.values())
+    leaders = [m for m, b in best.items() if b == top]
+    if top == 0:
+        line = f"**Verdict, {label}**: no method is best in any of the {total} scenarios"
+    else:
+        line = (f"**Verdict, {label}**: highest ER in the most scenarios: "
+                f"{' and '.join(leaders)}, {won(leaders[:1])}" + (" each" if len(leaders) > 1
+                                                                  else ""))
+    dare = [m for m in best if m in DARE_METHODS]
+    if dare:
+        line += f"; DARE ({', '.join(dare)}){' together' if len(dare) > 1 else ''}: {won(dare)}"
+    return line + "."
+
+
 def robust_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     budgets = {r["attack"]: r["budget"] for r in rows if _ok(r)}
@@ -299,21 +333,39 @@ def _er_matrix(rows: Sequence[Mapping[str, Any]], value: str = "er", low: str = 
 
 
 # ---------------------------------------------------------------------------- one run
+def _verdict(rows: Sequence[Mapping[str, Any]], rankings: Mapping[tuple, Ranking],
+             label: str) -> str:
+    c = counts(rankings, _methods(rows))
+    return verdict_line(label, {m: v[0] for m, v in c.items()}, len(rankings),
+                        {m: v[1] for m, v in c.items()})
+
+
 WORST_LEGEND = (
     "Per test image, the smallest perturbation that any attack of the norm found "
-    "(`darekit.worstcase`); an image is robust at the budget only if every attack of the norm "
+    "(`darekit.worstcase`; L-inf: also what the cross-check's APGD found at the budget, on the "
+    "images it ran on); an image is robust at the budget only if every attack of the norm "
     "left it robust. The paper's measure is per attack (above); this one does not reward a "
     "method on which one attack happens to be weak. Rankings as above, over these rows only.")
 
 
+def worst_case_lines(worst: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One bullet per distinct description of the worst-case rows (``worstcase.describe``):
+    over which attacks each minimum was taken, and on how many images."""
+    seen = dict.fromkeys(worstcase.describe(r) for r in worst)
+    return [f"- {d}" for d in seen] + ([""] if seen else [])
+
+
 def _worst_case(rows: Sequence[Mapping[str, Any]],
-                parts: Mapping[Key, Mapping[str, np.ndarray]], seed: int
+                parts: Mapping[Key, Mapping[str, np.ndarray]], seed: int,
+                found: Mapping[Key, Mapping[str, Any]] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[tuple, Ranking]]:
-    """The worst-case rows (of the methods whose every row is a result) and their rankings."""
+    """The worst-case rows (of the methods whose every row is a result) and their rankings;
+    ``found``: the cross-check's APGD results (``worstcase.worst_case_rows``)."""
     bad = {r["model"] for r in rows if not _ok(r)}
     ok_rows = [r for r in rows if r["model"] not in bad]
     worst, per_image = worstcase.worst_case_rows(
-        ok_rows, {k: v for k, v in parts.items() if k[0] not in bad}, seed)
+        ok_rows, {k: v for k, v in parts.items() if k[0] not in bad}, seed,
+        {k: v for k, v in (found or {}).items() if k[0] not in bad})
     rankings = rank_all(worst, per_image, seed)
     for r in worst:
         rk = rankings[tuple(r[k] for k in SCENARIO)]
@@ -323,9 +375,12 @@ def _worst_case(rows: Sequence[Mapping[str, Any]],
 
 
 def write_run_report(out_dir: Path, results: Mapping[str, Any],
-                     parts: Mapping[Key, Mapping[str, np.ndarray]], seed: int = 0) -> Path:
-    """``results.csv``, ``results.json`` (rows with their ranking, the cross-check, the attack
-    configurations, the definitions), ``report.md`` and the two plots, into ``out_dir``."""
+                     parts: Mapping[Key, Mapping[str, np.ndarray]], seed: int = 0, *,
+                     found: Mapping[Key, Mapping[str, Any]] | None = None) -> Path:
+    """``results.csv``, ``results.json`` (rows with their ranking, the worst-case rows with
+    theirs, the cross-check, the attack configurations, the definitions), ``report.md`` and
+    the two plots, into ``out_dir``. ``found``: ``{(model, apgd attack): arrays}``, what the
+    cross-check's APGD found per image (``worstcase.crosscheck_parts``), for the worst case."""
     rows = [dict(r) for r in results["results"]]
     per_image = {k: per_image_er(a) for k, a in parts.items()}
     rankings = rank_all(rows, per_image, seed)
@@ -333,7 +388,7 @@ def write_run_report(out_dir: Path, results: Mapping[str, Any],
         rk = rankings[tuple(r[k] for k in SCENARIO)]
         r["best"] = r["model"] in rk.best
         r["significantly_best"] = r["best"] and rk.significant
-    worst, worst_rankings = _worst_case(rows, parts, seed)
+    worst, worst_rankings = _worst_case(rows, parts, seed, found)
     io.write_csv(out_dir / "results.csv", rows)
     io.write_json(out_dir / "results.json", {**results, "results": rows, "worst_case": worst})
     first = rows[0] if rows else {"arch": "?", "dataset": "?"}
@@ -341,12 +396,15 @@ def write_run_report(out_dir: Path, results: Mapping[str, Any],
     lines = [f"# Robustness of {title}", "", f"Run: `{results.get('run', '')}`", "",
              "## Empirical Robustness (higher is more robust)", "", LEGEND, "",
              *er_table(rows, rankings), "", *method_table(rows, rankings), "",
+             _verdict(rows, rankings, "per attack (the paper's measure)"), "",
              *not_result_lines(rows), *precision_lines(rows),
              "## Robust accuracy at the budget [95% Wilson interval]", "", *robust_table(rows), ""]
     if worst:
         lines += ["## Worst case per norm (higher is more robust)", "", WORST_LEGEND, "",
+                  *worst_case_lines(worst),
                   *er_table(worst, worst_rankings), "", *method_table(worst, worst_rankings),
-                  "", "Robust accuracy at the budget, worst case [95% Wilson interval]:", "",
+                  "", _verdict(worst, worst_rankings, "worst case per norm"), "",
+                  "Robust accuracy at the budget, worst case [95% Wilson interval]:", "",
                   *robust_table(worst), ""]
     checks = results.get("crosscheck") or []
     if checks:
@@ -430,7 +488,95 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
         per_image = {k: per_image_er(a) for k, a in e.parts.items()}
         per_seed[seed] = rank_all(e.results["results"], per_image, seed)
     seeds = sorted(per_seed)
-    # Mean and std across seeds, per (scenario, method).
+    cells, mean_rows = _mean_rows(rows)
+    table_rows += [{**r, "seed": r["seed"]} for r in rows] + mean_rows
+    mean_rank = rank_all(mean_rows, None)
+    out = ["ER: mean ± std across seeds (success rate: mean). **Bold**: highest mean ER; "
+           "†: a seed's success rate under 90% (ER not comparable).", "",
+           "| model | attack | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+    out += _mean_table(cells, mean_rows, mean_rank, methods)
+    m_total = len(cells)
+    c_seed = {s: counts(per_seed[s], methods) for s in seeds}
+    c_mean = counts(mean_rank, methods)
+    out += ["", "| method | best in, per seed | best in, on the seed means | significantly "
+            "best in, per seed | clean accuracy, mean ± std |", "|---|---|---|---|---|"]
+    for m in methods:
+        acc = [r for r in mean_rows if r["model"] == m and r["status"] == "ok"]
+        acc_txt = f"{_f(acc[0]['clean_accuracy'], 3)} ± {_f(acc[0]['clean_accuracy_std'], 3)}" \
+            if acc else "n/a"
+        out.append(f"| {m} | " + ", ".join(str(c_seed[s][m][0]) for s in seeds) +
+                   f" of {m_total} | {c_mean[m][0]} of {m_total} | " +
+                   ", ".join(str(c_seed[s][m][1]) for s in seeds) + f" of {m_total} | "
+                   f"{acc_txt} |")
+    out += ["", verdict_line("per attack (the paper's measure), on the seed means",
+                             {m: c[0] for m, c in c_mean.items()}, m_total)]
+    out += ["", "Robust accuracy at the budget, mean ± std across seeds:", "",
+            "| method | " + " | ".join(dict.fromkeys(r["attack"] for r in mean_rows)) + " |",
+            "|---|" + "---|" * len(dict.fromkeys(r["attack"] for r in mean_rows))]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(
+            f"{_f(r['robust_accuracy'], 3)} ± {_f(r['robust_accuracy_std'], 3)}"
+            if r["status"] == "ok" else str(r["status"])
+            for r in mean_rows if r["model"] == m) + " |")
+    out += ["", *not_result_lines([{**r, "model": f"{r['model']} (s{r['seed']})"}
+                                   for r in rows if not _ok(r)])]
+    worst = [r for e in group for r in e.results.get("worst_case") or []]
+    if worst:
+        out += _worst_seed_lines(worst, table_rows)
+    checks = [c for e in group for c in (e.results.get("crosscheck") or [])]
+    if checks:
+        out += ["", "Cross-check (robust accuracy at the L-inf budget), per seed:", "",
+                *crosscheck_table([{**c, "model": f"{c['model']} (s{c['seed']})"}
+                                   for c in checks])]
+    out.append("")
+    return out
+
+
+def _worst_seed_lines(worst: Sequence[Mapping[str, Any]], table_rows: list[dict[str, Any]]
+                      ) -> list[str]:
+    """The worst case across seeds: ER and robust accuracy mean ± std per (norm, method), its
+    own "best in" counts per seed (each run's ranking, with its paired tests) and on the seed
+    means, and its verdict."""
+    methods = _methods(worst)
+    seeds = sorted({int(r["seed"]) for r in worst})
+    cells, mean_rows = _mean_rows(worst)
+    for r in mean_rows:
+        r["worst_case"] = True
+    table_rows += [{**r, "coverage": ", ".join(f"{a}: {k}" for a, k in
+                                               (r.get("coverage") or {}).items())}
+                   for r in worst] + mean_rows
+    mean_rank = rank_all(mean_rows, None)
+    m_total = len(cells)
+    c_mean = counts(mean_rank, methods)
+    c_seed = {s: {m: (sum(bool(r.get("best")) for r in worst if r["model"] == m
+                          and int(r["seed"]) == s),
+                      sum(bool(r.get("significantly_best")) for r in worst if r["model"] == m
+                          and int(r["seed"]) == s)) for m in methods} for s in seeds}
+    out = ["", "Worst case per norm (per image, the smallest perturbation any attack of the "
+           "norm found; see each run's report): ER mean ± std across seeds, **bold**: "
+           "highest mean ER.", "", *worst_case_lines(worst),
+           "| model | measure | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+    out += _mean_table(cells, mean_rows, mean_rank, methods)
+    out += ["", "| method | best in, per seed | best in, on the seed means | significantly "
+            "best in, per seed | robust accuracy at the budget, mean ± std |",
+            "|---|---|---|---|---|"]
+    for m in methods:
+        ra = "; ".join(f"{r['attack']} {_f(r['robust_accuracy'], 3)} ± "
+                       f"{_f(r['robust_accuracy_std'], 3)}"
+                       for r in mean_rows if r["model"] == m and r["status"] == "ok")
+        out.append(f"| {m} | " + ", ".join(str(c_seed[s][m][0]) for s in seeds) +
+                   f" of {m_total} | {c_mean[m][0]} of {m_total} | " +
+                   ", ".join(str(c_seed[s][m][1]) for s in seeds) + f" of {m_total} | {ra} |")
+    return out + ["", verdict_line("worst case per norm, on the seed means",
+                                   {m: c[0] for m, c in c_mean.items()}, m_total)]
+
+
+def _mean_rows(rows: Sequence[Mapping[str, Any]]
+               ) -> tuple[dict[tuple, dict[str, list[Mapping[str, Any]]]], list[dict[str, Any]]]:
+    """Rows grouped per (scenario, method), and one row per group with the mean and standard
+    deviation across seeds."""
     cells: dict[tuple, dict[str, list[Mapping[str, Any]]]] = {}
     for r in rows:
         cells.setdefault(tuple(r[k] for k in SCENARIO), {}).setdefault(r["model"], []).append(r)
@@ -452,12 +598,13 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
                 "comparable": all(r.get("comparable", True) for r in ok),
                 "diverged_seeds": sum(r.get("status") == "diverged" for r in rs),
                 "noop_seeds": sum(r.get("status") == "no-op" for r in rs)})
-    table_rows += [{**r, "seed": r["seed"]} for r in rows] + mean_rows
-    mean_rank = rank_all(mean_rows, None)
-    out = ["ER: mean ± std across seeds (success rate: mean). **Bold**: highest mean ER; "
-           "†: a seed's success rate under 90% (ER not comparable).", "",
-           "| model | attack | " + " | ".join(methods) + " |",
-           "|---|---|" + "---|" * len(methods)]
+    return cells, mean_rows
+
+
+def _mean_table(cells: Mapping[tuple, Any], mean_rows: Sequence[Mapping[str, Any]],
+                mean_rank: Mapping[tuple, Ranking], methods: Sequence[str]) -> list[str]:
+    """One line per scenario: mean ± std of ER and the mean success rate per method."""
+    out = []
     for key in cells:
         rk = mean_rank[key]
         line = []
@@ -479,33 +626,4 @@ def _seed_section(group: Sequence[Evaluated], rows: Sequence[Mapping[str, Any]],
                 text += " †"
             line.append(f"**{text}**" if m in rk.best else text)
         out.append(f"| {key[1]} | {key[2]} | " + " | ".join(line) + " |")
-    m_total = len(cells)
-    c_seed = {s: counts(per_seed[s], methods) for s in seeds}
-    c_mean = counts(mean_rank, methods)
-    out += ["", "| method | best in, per seed | best in, on the seed means | significantly "
-            "best in, per seed | clean accuracy, mean ± std |", "|---|---|---|---|---|"]
-    for m in methods:
-        acc = [r for r in mean_rows if r["model"] == m and r["status"] == "ok"]
-        acc_txt = f"{_f(acc[0]['clean_accuracy'], 3)} ± {_f(acc[0]['clean_accuracy_std'], 3)}" \
-            if acc else "n/a"
-        out.append(f"| {m} | " + ", ".join(str(c_seed[s][m][0]) for s in seeds) +
-                   f" of {m_total} | {c_mean[m][0]} of {m_total} | " +
-                   ", ".join(str(c_seed[s][m][1]) for s in seeds) + f" of {m_total} | "
-                   f"{acc_txt} |")
-    out += ["", "Robust accuracy at the budget, mean ± std across seeds:", "",
-            "| method | " + " | ".join(dict.fromkeys(r["attack"] for r in mean_rows)) + " |",
-            "|---|" + "---|" * len(dict.fromkeys(r["attack"] for r in mean_rows))]
-    for m in methods:
-        out.append(f"| {m} | " + " | ".join(
-            f"{_f(r['robust_accuracy'], 3)} ± {_f(r['robust_accuracy_std'], 3)}"
-            if r["status"] == "ok" else str(r["status"])
-            for r in mean_rows if r["model"] == m) + " |")
-    out += ["", *not_result_lines([{**r, "model": f"{r['model']} (s{r['seed']})"}
-                                   for r in rows if not _ok(r)])]
-    checks = [c for e in group for c in (e.results.get("crosscheck") or [])]
-    if checks:
-        out += ["", "Cross-check (robust accuracy at the L-inf budget), per seed:", "",
-                *crosscheck_table([{**c, "model": f"{c['model']} (s{c['seed']})"}
-                                   for c in checks])]
-    out.append("")
     return out

@@ -141,3 +141,97 @@ def test_run_report_adds_the_worst_case_per_norm(tmp_path):
     per_attack = {(r["model"], r["attack"]): r for r in
                   io.read_json(tmp_path / "results.json")["results"]}
     assert per_attack["dare", "fgsm"]["best"]
+
+
+def test_verdict_lines_name_the_leaders_ties_and_dare():
+    line = report.verdict_line("per attack", {"original": 0, "dare": 2, "dare-s": 1,
+                                              "adv-pgd": 3}, 6, {"dare": 1, "adv-pgd": 2})
+    assert line == ("**Verdict, per attack**: highest ER in the most scenarios: adv-pgd, "
+                    "3 of 6 (significantly 2); DARE (dare, dare-s) together: 3 of 6 "
+                    "(significantly 1).")
+    tie = report.verdict_line("worst case", {"dare": 2, "adv-pgd": 2}, 4)
+    assert "dare and adv-pgd, 2 of 4 each" in tie and "significantly" not in tie
+    assert "no scenario" in report.verdict_line("worst case", {}, 0)
+
+
+def _hard_case(n: int = 40):
+    """Per attack, dare has the highest ER under FGSM and under PGD (by 0.02, every image);
+    but the cross-check's APGD, on the 30 cross-checked images, breaks dare at much smaller
+    perturbations than any of its evaluated attacks found: over the worst case, the baseline
+    wins. Returns rows, parts and found (``worstcase.crosscheck_parts``)."""
+    from darekit.worstcase import crosscheck_parts
+
+    base = np.linspace(0.1, 0.2, n)
+    parts, rows = {}, []
+    for model, shift in (("dare", 0.02), ("adv-fgsm", 0.0)):
+        for attack in ("fgsm", "pgd"):
+            er = base + shift
+            parts[model, attack] = {"fooled": np.ones(n, bool), "perturbation": er,
+                                    "x_norm": np.ones(n), "clean_correct": np.ones(n, bool),
+                                    "robust_at_budget": er > 0.15, "lo": er * 0.99, "hi": er}
+            rows.append(row(model, float(er.mean()), attack=attack))
+    pick = np.arange(5, 35)
+    found = {}
+    for model, norms in (("dare", np.full(30, 0.05)), ("adv-fgsm", np.full(30, np.nan))):
+        found.update({(model, a): p for a, p in crosscheck_parts(
+            {"apgd_ce": norms}, pick, parts[model, "fgsm"], 0.1).items()})
+    return rows, parts, found, base
+
+
+def test_run_report_worst_case_winner_differs_from_the_per_attack_winner(tmp_path):
+    rows, parts, found, base = _hard_case()
+    path = report.write_run_report(tmp_path, {"results": rows}, parts, found=found)
+    js = io.read_json(tmp_path / "results.json")
+    per_attack = {(r["model"], r["attack"]): r for r in js["results"]}
+    assert per_attack["dare", "fgsm"]["significantly_best"]
+    assert per_attack["dare", "pgd"]["significantly_best"]
+    worst = {r["model"]: r for r in js["worst_case"]}
+    assert worst["dare"]["attacks"] == "apgd_ce,fgsm,pgd"
+    assert worst["dare"]["coverage"] == {"apgd_ce": 30}
+    expected = np.concatenate([base[:5] + 0.02, np.full(30, 0.05), base[35:] + 0.02])
+    assert worst["dare"]["er"] == pytest.approx(float(expected.mean()))
+    assert worst["adv-fgsm"]["er"] == pytest.approx(float(base.mean()))
+    assert worst["adv-fgsm"]["significantly_best"] and not worst["dare"]["best"]
+    # Robust at the budget: APGD broke every cross-checked dare image.
+    assert worst["dare"]["robust_accuracy"] == pytest.approx(
+        float(np.mean(np.r_[base[:5], base[35:]] + 0.02 > 0.15)) * 10 / 40)
+    md = path.read_text()
+    per, _, wc = md.partition("## Worst case per norm")
+    # Both measures have their counts and a verdict, each naming its own winner.
+    assert "| dare | 2 of 2 | 2 of 2 |" in per and "| adv-fgsm | 0 of 2 | 0 of 2 |" in per
+    assert ("**Verdict, per attack (the paper's measure)**: highest ER in the most "
+            "scenarios: dare, 2 of 2 (significantly 2)") in per
+    assert "| adv-fgsm | 1 of 1 | 1 of 1 |" in wc and "| dare | 0 of 1 | 0 of 1 |" in wc
+    assert ("**Verdict, worst case per norm**: highest ER in the most scenarios: adv-fgsm, "
+            "1 of 1 (significantly 1); DARE (dare): 0 of 1 (significantly 0).") in wc
+    assert "minimum over apgd_ce (on 30 of 40 images), fgsm, pgd" in wc
+
+
+def test_combined_report_has_the_worst_case_with_its_own_counts(tmp_path):
+    evals = []
+    for seed, dare_wins in ((0, False), (1, False), (2, True)):
+        run = tmp_path / f"s{seed}"
+        rows, parts, found, _ = _hard_case()
+        rows = [{**r, "seed": seed} for r in rows]
+        if dare_wins:      # seed 2: APGD found nothing on dare either
+            found = {k: {**v, "fooled": np.zeros(40, bool), "robust_at_budget":
+                         np.ones(40, bool), "perturbation": np.full(40, np.nan)}
+                     for k, v in found.items()}
+        report.write_run_report(run / layout.EVAL_DIR, {"results": rows}, parts, seed=seed,
+                                found=found)
+        for (m, a), arrays in parts.items():
+            io.write_npz(run / f"{layout.eval_part(m, a)}.npz", **arrays)
+        evals.append(Evaluated.load(run))
+    md = report.combined_report(evals, tmp_path / "out")
+    per, _, wc = md.partition("Worst case per norm")
+    assert "| dare | 1, 1, 1 of 2 |" not in per and "| dare | 2, 2, 2 of 2 | 2 of 2 |" in per
+    assert "| adv-fgsm | 1, 1, 0 of 1 | 1 of 1 | 1, 1, 0 of 1 |" in wc
+    assert "| dare | 0, 0, 1 of 1 | 0 of 1 | 0, 0, 1 of 1 |" in wc
+    assert "**Verdict, per attack (the paper's measure), on the seed means**: " \
+           "highest ER in the most scenarios: dare, 2 of 2" in per
+    assert "**Verdict, worst case per norm, on the seed means**: highest ER in the most " \
+           "scenarios: adv-fgsm, 1 of 1" in wc
+    assert "minimum over apgd_ce (on 30 of 40 images), fgsm, pgd" in wc
+    csv = io.read_csv(tmp_path / "out" / "results.csv")
+    assert {r["model"] for r in csv if r["attack"] == "worst-linf" and r["seed"] == "mean"} \
+        == {"dare", "adv-fgsm"}

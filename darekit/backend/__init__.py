@@ -120,6 +120,13 @@ def value_and_grad(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
     return _impl().value_and_grad(fn)
 
 
+def value_and_grad_aux(fn: Callable[..., Any]) -> Callable[..., tuple[tuple[Any, Any], Any]]:
+    """``fn(x, *args) -> (scalar, aux)`` to ``g(x, *args) -> ((scalar, aux), d scalar / d x)``:
+    ``value_and_grad`` that also returns what the same forward pass computed (``aux``, any
+    nested arrays; no gradient flows through it), so a step needs one model pass, not two."""
+    return _impl().value_and_grad_aux(fn)
+
+
 def grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``d fn(x, *args) / d x`` (see ``value_and_grad``)."""
     vg = value_and_grad(fn)

@@ -18,6 +18,10 @@ def value_and_grad(fn):
     return jax.value_and_grad(fn)
 
 
+def value_and_grad_aux(fn):
+    return jax.value_and_grad(fn, has_aux=True)
+
+
 def stateless_uniform(shape, seed, minval, maxval):
     seed = jnp.asarray(seed, jnp.uint32)
     key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])

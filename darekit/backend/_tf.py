@@ -25,6 +25,17 @@ def value_and_grad(fn):
     return g
 
 
+def value_and_grad_aux(fn):
+    def g(x, *args):
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            v, aux = fn(x, *args)
+        return (v, aux), tape.gradient(v, x,
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return g
+
+
 def stateless_uniform(shape, seed, minval, maxval):
     return tf.random.stateless_uniform(shape, tf.cast(seed, tf.int64), minval, maxval,
                                        dtype=tf.float32)
