@@ -99,7 +99,7 @@ def test_the_study_profile_is_checked_before_any_work(tmp_path, monkeypatch):
     from darekit.errors import DareError
 
     study = PROFILES["study"]
-    assert study.deterministic and PROFILES["quick"].deterministic and study.select is not None
+    assert study.deterministic and study.select is not None
     runs = tmp_path / "runs"
     monkeypatch.setenv("DAREKIT_RUNS", str(runs))
     proc = call_script("reproduce.py", "--profile", "study", "--model", "smallcnn")

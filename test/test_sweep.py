@@ -183,6 +183,34 @@ def test_list_jobs_prints_one_command_per_job_and_runs_nothing(tmp_path, capsys,
     assert not runs.exists()
 
 
+def test_deterministic_overrides_the_profile_and_travels_with_each_job(tmp_path, capsys,
+                                                                       monkeypatch):
+    """quick runs with XLA (not bit for bit); --deterministic turns op determinism on for one
+    job run here and is carried in every job's command of a sweep, and --no-deterministic
+    turns it off for a deterministic profile."""
+    import darekit.reproduce as R
+
+    monkeypatch.setenv("DAREKIT_RUNS", str(tmp_path / "runs"))
+    seen: list = []
+    monkeypatch.setattr(R, "reproduce_all", lambda studies, *a, **k: seen.extend(studies))
+    monkeypatch.setattr(R, "check", lambda s, data=True: None)
+    assert not R.PROFILES["quick"].deterministic and R.PROFILES["study"].deterministic
+    for args, want in (([], False), (["--deterministic"], True)):
+        seen.clear()
+        code, _, err = _cli(capsys, "--profile", "quick", "--model", "smallcnn", *args)
+        assert code == 0, err
+        assert [s.profile.deterministic for s in seen] == [want]
+        assert seen[0].profile.name == "quick"  # the same job, in another mode
+    seen.clear()
+    code, _, err = _cli(capsys, "--profile", "study", "--no-deterministic")
+    assert code == 0 and [s.profile.deterministic for s in seen] == [False], err
+    code, out, _ = _cli(capsys, "--profile", "quick", "--model", "smallcnn", "--seeds", "0,1",
+                        "--deterministic", "--list-jobs")
+    assert code == 0 and out.splitlines() == [
+        f"{PY} {SCRIPT} --dataset fashion_mnist --model smallcnn --seed {s} --profile quick "
+        "--deterministic" for s in (0, 1)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--datasets", "cifar10,mnist"], "unknown dataset 'mnist'"),
     (["--models", "vgg16,vgg17"], "unknown model 'vgg17'"),
