@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -114,11 +115,16 @@ def _bucketed(xb: np.ndarray, batch_size: int) -> tuple[int, np.ndarray]:
 def input_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray,
                     batch_size: int = 256) -> np.ndarray:
     """``grad_x CE(model(x), y)`` per input, ``(N, H, W, C)`` float32 (inference mode)."""
-    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-    # Compiled without XLA on TensorFlow, as before the port: the directions are signs of
-    # these gradients, and XLA's fusions could flip the sign of a near-zero component.
-    grad = B.model_function(model, lambda call, xb, yb: B.grad(lambda z: ce(yb, call(z)))(xb),
-                            jit_compile=False)
+    grad = _GRADIENTS.get(model)
+    if grad is None:
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+        # Compiled without XLA on TensorFlow, as before the port: the directions are signs of
+        # these gradients, and XLA's fusions could flip the sign of a near-zero component.
+        # One function per model object, of its current weights: loading other weights into
+        # the model (``_OneModel``) reuses its compilations.
+        grad = _GRADIENTS[model] = B.model_function(
+            model, lambda call, xb, yb: B.grad(lambda z: ce(yb, call(z)))(xb),
+            jit_compile=False)
     out = np.empty(x.shape, dtype=np.float32)
     for i in range(0, len(x), batch_size):
         n, xb = _bucketed(x[i:i + batch_size], batch_size)
@@ -231,6 +237,34 @@ HistoryModel = keras.Model | str | os.PathLike | Callable[[], keras.Model]
 ``.weights.h5`` of the final model's architecture), or a function that loads one."""
 
 
+_GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _OneModel:
+    """The historical models as weights loaded into one model object: the input gradient is
+    then compiled once for the whole history, not once per epoch (on JAX a compilation per
+    epoch is seconds each for a VGG on a GPU, 40 of them per run). A model whose weights do not
+    fit the first one's (another architecture in the history) is used as it is."""
+
+    def __init__(self) -> None:
+        self.model: keras.Model | None = None
+
+    @staticmethod
+    def _shapes(model: keras.Model) -> list[tuple[int, ...]]:
+        return [tuple(w.shape) for w in model.weights]
+
+    def __call__(self, model: keras.Model) -> keras.Model:
+        if self.model is None:
+            try:
+                self.model = keras.models.clone_model(model)
+            except Exception:  # a model Keras cannot clone (subclassed): one per epoch
+                return model
+        if self._shapes(self.model) != self._shapes(model):
+            return model
+        self.model.set_weights(model.get_weights())
+        return self.model
+
+
 def load_history_model(item: HistoryModel, like: keras.Model) -> keras.Model:
     """The model ``item`` stands for; a ``.weights.h5`` file is loaded into a copy of
     ``like``'s architecture. A ``.keras`` checkpoint of a model with a softmax output (what
@@ -285,9 +319,10 @@ def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation
     mined_by = np.empty(len(order), dtype=np.int64)
     bar = tqdm(total=len(order), desc="mining: directions", unit="img", leave=False,
                disable=not cfg.progress)
+    one = _OneModel()
     for item, epoch, share in zip(history, epochs, shares, strict=True):
         bar.set_postfix_str(f"epoch {epoch}")
-        model_k = load_history_model(item, final_model)
+        model_k = one(load_history_model(item, final_model))
         delta[share] = fgsm_directions(model_k, x_all[share], y_all[share], cfg.eps_mine,
                                        cfg.batch_size)
         mined_by[share] = epoch

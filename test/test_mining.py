@@ -82,6 +82,44 @@ def test_predictor_and_gradients_on_a_fixed_model():
                                                      d.shape))
 
 
+def test_history_shares_one_compiled_gradient_and_each_epoch_has_its_own_weights(monkeypatch):
+    """Mining loads every epoch's weights into one model object, so its input gradient is
+    compiled once per history, not once per epoch (seconds each for a VGG under JAX); the
+    gradients must still be each epoch's own (a compiled function that kept the first epoch's
+    weights would give them all the same)."""
+    from darekit import backend as B
+    from darekit import mining
+
+    a = _mean_threshold_model()
+    b = _mean_threshold_model()   # class 0 iff mean < 0.5: its gradients point the other way
+    b.get_layer("fc").set_weights([-b.get_layer("fc").get_weights()[0],
+                                   np.array([0.5, -0.5], np.float32)])
+    x, y = _near_the_threshold(6)
+    fresh = [input_gradients(m, x, y, batch_size=4) for m in (a, b)]
+    assert (np.sign(fresh[0]) == -np.sign(fresh[1])).all()
+
+    built = []
+    real = B.model_function
+    monkeypatch.setattr(B, "model_function", lambda *args, **kw: built.append(1) or real(
+        *args, **kw))
+    one = mining._OneModel()
+    got = [input_gradients(one(m), x, y, batch_size=4) for m in (a, b, a)]
+    assert one(a) is one(b)
+    assert len(built) == 1   # one compiled gradient for the three epochs
+    for g, want in zip(got, [*fresh, fresh[0]], strict=True):
+        np.testing.assert_array_equal(g, want)
+    # A model of another architecture in the history is used as it is.
+    other = keras_dense_model()
+    assert one(other) is other
+
+
+def keras_dense_model():
+    import keras
+
+    x_in = keras.Input((8, 8, 1))
+    return keras.Model(x_in, keras.layers.Dense(2)(keras.layers.Flatten()(x_in)))
+
+
 @pytest.mark.parametrize("order", ["grid", "gain"])
 def test_mine_on_a_fixed_model(order, capsys):
     """Every input falls at x + delta; each of the four 4x4 patches moves the mean by 0.0375,
