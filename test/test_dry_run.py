@@ -83,5 +83,8 @@ def test_paper_study_dry_run(tmp_path, monkeypatch):
     assert all(f"## {m} on {d}: seeds 0" in text for d, m in groups)
     means = [r for r in io.read_csv(report.parent / "results.csv") if r["seed"] == "mean"]
     assert {(r["dataset"], r["arch"]) for r in means} == groups
-    assert len({(r["dataset"], r["arch"], r["attack"]) for r in means}) == 45
+    # the paper's 45 scenarios, and beside them the worst case per norm (2 per combination)
+    assert len({(r["dataset"], r["arch"], r["attack"]) for r in means
+                if r["attack"] in ATTACKS}) == 45
+    assert {r["attack"] for r in means} - set(ATTACKS) <= {"worst-linf", "worst-l2"}
     assert os.environ["DAREKIT_RUNS"] in str(report)
