@@ -111,6 +111,34 @@ def test_deepfool_lands_on_the_minimal_l2_perturbation_times_its_overshoot(model
     assert ev.er >= _relative_er(truth, x, "l2")
 
 
+@pytest.mark.parametrize("attack", ["deepfool", "cw"])
+@pytest.mark.parametrize("wrong", [0, 7, 20])
+def test_minimization_attacks_see_only_the_correctly_classified_images(attack, wrong,
+                                                                       monkeypatch):
+    """C&W and DeepFool attack only the images the model classifies correctly (a misclassified
+    one is neither fooled nor robust whatever comes back); the others stay unfooled and not
+    robust, and with none correct nothing is attacked and the config is still recorded."""
+    lin = disjoint(seed=4)
+    x, y = inputs_where(lin, lin.l2_optimum, 0.05, 1.5, n=20, seed=4)
+    y = y.copy()
+    y[:wrong] = (y[:wrong] + 1) % int(lin.model.output_shape[-1])  # now misclassified
+    seen = []
+    real = evaluate.run_attack
+    monkeypatch.setattr(evaluate, "run_attack",
+                        lambda model, xs, ys, *a, **k: seen.append(len(xs)) or
+                        real(model, xs, ys, *a, **k))
+    ev = evaluate_attack(lin.model, x, y, attack, budget=L2_BUDGET, progress=False)
+    assert seen == ([20 - wrong] if wrong < 20 else [])
+    assert not ev.clean_correct[:wrong].any() and ev.clean_correct[wrong:].all()
+    assert not ev.fooled[:wrong].any() and ev.fooled[wrong:].all()
+    assert not ev.robust_at_budget[:wrong].any()
+    assert np.isnan(ev.perturbation[:wrong]).all()
+    assert ev.evaluations == 20 - wrong
+    assert ev.config["params"] == evaluate.get_spec(attack).params()
+    if wrong == 20:
+        assert np.isnan(ev.er)
+
+
 @pytest.mark.parametrize("where", ["spread", "packed"])
 def test_cw_converges_to_the_minimal_l2_perturbation(where):
     lin = dense(seed=7)
