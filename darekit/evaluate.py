@@ -407,6 +407,8 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
     params = spec.params(**dict(params or {}))
     x_norm = input_norms(x, spec.norm)
     nan = np.full(len(x), np.nan)
+    clean_margin = margins(model, x, y, batch_size)
+    correct = clean_margin > 0
 
     if spec.kind == "minimization":
         # Only the correctly classified images are attacked: a misclassified one is neither
@@ -414,10 +416,9 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
         # were a fifth of the quick profile's C&W time. SearchConfig.engine "foolbox" asks for
         # the reference everywhere: C&W and DeepFool then run in Foolbox too (else in their
         # compiled form, ``darekit.l2``).
-        correct = margins(model, x, y, batch_size) > 0
         idx = np.flatnonzero(correct)
         engine = "foolbox" if search.engine == "foolbox" else None
-        pert, fooled = np.full(len(x), np.nan), np.zeros(len(x), bool)
+        pert, fooled = nan.copy(), np.zeros(len(x), bool)
         if len(idx):
             res = run_attack(model, x[idx], y[idx], spec, eps=None, params=params,
                              batch_size=batch_size, seed=seed, progress=progress,
@@ -434,8 +435,6 @@ def evaluate_attack(model: keras.Model, x: np.ndarray, y: np.ndarray, attack: st
             lo=nan, hi=nan, rounds=1, evaluations=len(idx), seconds=time.perf_counter() - t0,
             config={**config, "budget": budget, "jit_compile": jit_compile})
 
-    clean_margin = margins(model, x, y, batch_size)
-    correct = clean_margin > 0
     engine = search.engine if _supports_engine(spec) else "foolbox"
     make = _engine_probe if engine == "tf" else _foolbox_probe
     probe = make(model, spec, params, x, y, batch_size, seed, jit_compile)
