@@ -84,12 +84,14 @@ class MineConfig:
 class LabelPredictor:
     """``model``'s predicted labels, compiled once, its weights passed on each call. On
     TensorFlow one trace serves any batch size (no padding: the last ddmin rounds have few
-    active inputs and must stay cheap); on JAX every batch is padded to a ``B.bucket`` size
-    (a new shape compiles again there), so a round of 3 inputs costs a 32-row call."""
+    active inputs and must stay cheap); on JAX every batch is padded to a power of two
+    (``B.FINE_BUCKETS``: a new shape compiles again there), so a round of 3 inputs costs a
+    4-row call, not a 32-row one."""
 
     def __init__(self, model: keras.Model, batch_size: int):
         self.batch_size = batch_size
         self.calls = 0  # model calls (batches), for the statistics
+        self.rows = 0  # rows those calls computed, padding included
         # No XLA on TensorFlow: the labels stay those of the graph-mode predictor before the
         # port (JAX always compiles with XLA).
         self._fn = B.model_function(model, lambda call, x: ops.argmax(call(x), axis=-1),
@@ -98,17 +100,18 @@ class LabelPredictor:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(len(x), dtype=np.int64)
         for i in range(0, len(x), self.batch_size):
-            n, xb = _bucketed(x[i:i + self.batch_size], self.batch_size)
+            n, xb = _bucketed(x[i:i + self.batch_size], self.batch_size, fine=True)
             out[i:i + n] = B.to_numpy(self._fn(ops.convert_to_tensor(xb)))[:n]
             self.calls += 1
+            self.rows += len(xb)
         return out
 
 
-def _bucketed(xb: np.ndarray, batch_size: int) -> tuple[int, np.ndarray]:
+def _bucketed(xb: np.ndarray, batch_size: int, fine: bool = False) -> tuple[int, np.ndarray]:
     """``(len(xb), xb)`` as float32, padded to a ``B.bucket`` size on JAX (rows dropped)."""
     n, xb = len(xb), np.asarray(xb, np.float32)
     if B.needs_buckets(False):
-        xb = B.pad_rows(xb, B.bucket(n, batch_size))
+        xb = B.pad_rows(xb, B.bucket(n, batch_size, fine=fine))
     return n, xb
 
 
@@ -382,6 +385,7 @@ def mine(history: Sequence[HistoryModel], final_model: keras.Model, x_validation
         "model_queries_per_input": float((screening + mini.queries.sum()) / len(order)),
         "ddmin_rounds": mini.rounds,
         "model_calls": predict.calls,
+        "model_rows": predict.rows,  # > the queries where batches were padded (JAX)
         "mining_epochs": {int(e): int(np.sum(mined_by == e)) for e in epochs},
         "collected_by_epoch": {int(e): int(np.sum(mined_by[cand] == e)) for e in epochs},
         "final_epoch": int(epochs[-1]),

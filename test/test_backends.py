@@ -94,6 +94,14 @@ def test_buckets(n, batch, want):
     assert np.all(padded[n:] == a[0])
 
 
+@pytest.mark.parametrize("n,batch,want", [(1, 256, 1), (3, 256, 4), (4, 256, 4), (9, 256, 16),
+                                          (16, 256, 16), (17, 256, 32), (33, 256, 64),
+                                          (3, 2, 3), (6, 5, 6), (300, 256, 300)])
+def test_fine_buckets_are_powers_of_two_below_the_coarse_ones(n, batch, want):
+    """ddmin's shrinking rounds: 3 rows are padded to 4, not 32; at most ``max(batch, n)``."""
+    assert B.bucket(n, batch, fine=True) == want
+
+
 def test_versions_name_the_backend():
     v = B.versions()
     assert v["backend"] == keras.backend.backend()

@@ -291,9 +291,17 @@ BUCKETS = (32, 64, 128, 256, 512, 1024)
 """Batch sizes compiled functions see: every new shape compiles again under XLA."""
 
 
-def bucket(n: int, batch_size: int) -> int:
-    """The padded size of a batch of ``n`` rows (at most ``max(batch_size, n)``)."""
-    return min(next((b for b in BUCKETS if b >= n), n), max(batch_size, n))
+FINE_BUCKETS = (1, 2, 4, 8, 16, *BUCKETS)
+"""``BUCKETS`` with powers of two below them, for calls whose batches shrink to a few rows
+(ddmin's last rounds): five more compilations of a forward pass, against padding 3 rows to 32
+on each of a hundred rounds (a VGG's forward pass costs about linearly in rows on a CPU)."""
+
+
+def bucket(n: int, batch_size: int, *, fine: bool = False) -> int:
+    """The padded size of a batch of ``n`` rows (at most ``max(batch_size, n)``), among
+    ``FINE_BUCKETS`` if ``fine`` else ``BUCKETS``."""
+    sizes = FINE_BUCKETS if fine else BUCKETS
+    return min(next((b for b in sizes if b >= n), n), max(batch_size, n))
 
 
 def pad_rows(a: np.ndarray, m: int) -> np.ndarray:
