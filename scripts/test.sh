@@ -5,6 +5,10 @@
 # The two backends run side by side (a pytest process is fixed to one backend; much of a test's
 # time is one core's: interpreter starts, tracing, XLA compiles), and JAX's output is printed
 # when it ends. DAREKIT_TEST_SERIAL=1 runs them one after the other.
+# The TensorFlow tier runs in DAREKIT_TEST_WORKERS pytest workers (default 2, pytest-xdist, one
+# test file per worker at a time: a file's module fixtures are built once); 1 runs it in one
+# process. Much of a test's time is one core's, so on 2 cores two workers beside the JAX tier
+# keep both busy.
 # Extra arguments go to both pytest runs; DAREKIT_TEST_BACKENDS="tensorflow" (or "jax") runs one.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,8 +18,10 @@ cd "$ROOT"
 backends="${DAREKIT_TEST_BACKENDS:-tensorflow jax}"
 
 run_tf() {
-  echo "=== pytest on TensorFlow (.venv) ==="
-  KERAS_BACKEND=tensorflow .venv/bin/python -m pytest "$@"
+  local workers="${DAREKIT_TEST_WORKERS:-2}" par=()
+  [ "$workers" -gt 1 ] && par=(-n "$workers" --dist loadfile)
+  echo "=== pytest on TensorFlow (.venv), $workers worker(s) ==="
+  KERAS_BACKEND=tensorflow .venv/bin/python -m pytest "${par[@]}" "$@"
 }
 run_jax() {
   echo "=== pytest on JAX, without TensorFlow (.venv-jax) ==="

@@ -282,9 +282,10 @@ def test_ray_local_runs_two_jobs_and_combines(tmp_path):
     pytest.importorskip("ray")
     _real_fashion_mnist()
     runs = tmp_path / "runs"
+    # One attack: the engine is under test here, not the attacks (as in the rerun test).
     proc = run_script("reproduce.py", "--profile", "dry", "--model", "smallcnn", "--seeds",
-                      "0,1", "--engine", "ray", "--address", "local", "--cpus-per-job", "1",
-                      env={"DAREKIT_RUNS": str(runs)}, timeout=600)
+                      "0,1", "--attack", "fgsm", "--engine", "ray", "--address", "local",
+                      "--cpus-per-job", "1", env={"DAREKIT_RUNS": str(runs)}, timeout=1200)
     assert "each asking for 1 CPU(s) (the cluster has no GPU)" in proc.stdout
     for path in _two_seeds(runs):
         assert (path / layout.REPORT).is_file()
