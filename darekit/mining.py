@@ -86,7 +86,8 @@ class LabelPredictor:
     TensorFlow one trace serves any batch size (no padding: the last ddmin rounds have few
     active inputs and must stay cheap); on JAX every batch is padded to a power of two
     (``B.FINE_BUCKETS``: a new shape compiles again there), so a round of 3 inputs costs a
-    4-row call, not a 32-row one."""
+    4-row call, not a 32-row one. On the dry profile's VGG16 (fake CIFAR-10, JAX, CPU) ddmin
+    asked 2,526 queries in 326 rounds, which cost 3,587 rows; padded to 32, at least 10,432."""
 
     def __init__(self, model: keras.Model, batch_size: int):
         self.batch_size = batch_size
