@@ -19,7 +19,9 @@ backends="${DAREKIT_TEST_BACKENDS:-tensorflow jax}"
 
 run_tf() {
   local workers="${DAREKIT_TEST_WORKERS:-2}" par=()
-  [ "$workers" -gt 1 ] && par=(-n "$workers" --dist loadfile)
+  # Files in collection order (conftest puts the longest first; the flag needs xdist >= 3.8),
+  # not xdist's default, most tests first, which left the one-test dry run alone at the end.
+  [ "$workers" -gt 1 ] && par=(-n "$workers" --dist loadfile --no-loadscope-reorder)
   echo "=== pytest on TensorFlow (.venv), $workers worker(s) ==="
   KERAS_BACKEND=tensorflow .venv/bin/python -m pytest "${par[@]}" "$@"
 }
